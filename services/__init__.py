@@ -1,0 +1,1 @@
+"""HQ-CLIP gateway: reads a model repository, serves embeddings, classification, tags, retrieval, refinement."""

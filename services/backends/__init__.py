@@ -1,0 +1,21 @@
+"""Inference backends: one small interface (base.py), one file per runtime."""
+
+from __future__ import annotations
+
+from services.backends.base import Backend, BackendUnavailable
+from services.manifest import Manifest
+from services.settings import Settings
+
+
+def create_backend(settings: Settings, manifest: Manifest) -> Backend:
+    """The backend the settings name, for the models the manifest names."""
+    if settings.backend == "triton":
+        from services.backends.triton import TritonBackend
+
+        return TritonBackend(settings, manifest)
+    from services.backends.onnxruntime import OnnxRuntimeBackend
+
+    return OnnxRuntimeBackend(settings, manifest)
+
+
+__all__ = ["Backend", "BackendUnavailable", "create_backend"]

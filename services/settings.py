@@ -1,0 +1,67 @@
+"""All gateway settings, in one pydantic-settings class.
+
+Every knob is read from the environment with the prefix ``HQCLIP_``; nested sections use ``__``
+(``HQCLIP_BATCH__MAX_SIZE=64``). A few common knobs are flat (``HQCLIP_PORT``, ``HQCLIP_API_KEYS``).
+Settings are built once, in ``services.app.create_app`` or the CLI, never at import time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+
+class BatchSettings(BaseModel):
+    """The micro-batcher (services/engine.py): one per model."""
+
+    max_size: int = Field(32, ge=1, description="Most items one backend call takes.")
+    max_delay_ms: float = Field(5.0, ge=0, description="How long the first item waits for others to join.")
+    queue_size: int = Field(512, ge=1, description="Items waiting per model before requests get 429.")
+    workers: int = Field(1, ge=1, description="Backend calls running at once per model.")
+
+
+class LimitSettings(BaseModel):
+    """What one request may ask for; past these the request gets a 4xx naming the field."""
+
+    max_items: int = Field(256, ge=1, description="Inputs in one request.")
+    max_image_bytes: int = Field(20 * 1024 * 1024, description="Bytes of one encoded image.")
+    max_image_pixels: int = Field(40_000_000, description="Pixels of one decoded image (decompression bombs).")
+    max_text_chars: int = Field(20_000, description="Characters of one text, before tokenization.")
+    max_labels: int = Field(1000, description="Labels in one classification request.")
+
+
+class TritonSettings(BaseModel):
+    """The Triton backend (services/backends/triton.py)."""
+
+    url: str = Field("127.0.0.1:8001", description="Triton's gRPC address.")
+    timeout_s: float = Field(30.0, description="Per-request timeout.")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HQCLIP_", env_nested_delimiter="__", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Address the gateway binds.")
+    port: int = Field(8000, description="Port the gateway binds.")
+    model_repo: Path = Field(Path("model_repo"), description="The Triton model repository `hqclip export` wrote.")
+    model: str | None = Field(None, description="Which model of the repository to serve; default: the only one.")
+    backend: Literal["onnxruntime", "triton"] = Field("onnxruntime", description="Where inference runs.")
+    precision: str = Field("fp32", description="Which exported precision variant to serve (fp32, bf16, int8).")
+    ort_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = all cores.")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated bearer keys; empty = no auth."
+    )
+    log_level: str = Field("info", description="uvicorn log level.")
+    batch: BatchSettings = BatchSettings()
+    limits: LimitSettings = LimitSettings()
+    triton: TritonSettings = TritonSettings()
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
