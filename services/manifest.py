@@ -83,6 +83,17 @@ class Manifest(BaseModel):
     files: dict[str, str] = Field(default_factory=dict, description="sha256 of each file, relative path -> hex.")
     created: dict[str, str] = Field(default_factory=dict, description="When, by what, with which versions.")
 
+    def towers(self, precision: str) -> tuple[str, str]:
+        """(image model, text model) names serving ``precision``; a clear error for one not exported."""
+        if precision == self.precision:
+            return self.image.model, self.text.model
+        if precision in self.variants:
+            variant = self.variants[precision]
+            return variant.image_model, variant.text_model
+        known = ", ".join([self.precision, *self.variants])
+        raise ValueError(f"model '{self.name}' has no {precision} variant (it has: {known}); "
+                         f"run `hqclip export --precision {precision}` or set HQCLIP_PRECISION to one of those")
+
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()

@@ -1,0 +1,43 @@
+# Two commands for a fresh machine:  `make serve` (demo gateway)  and  `make test` (the whole suite).
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+APT_PACKAGES := tuxpaint-stamps-default fonts-noto-color-emoji chromium
+
+.PHONY: serve test test-fast venv demo-model apt test-servers clean
+
+# --- environments ---
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[serve,train,dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
+
+# Real servers the slow tests start: vLLM (its own venv + a tiny VLM built here) and Triton (pytriton's venv).
+test-servers: venv
+	bash tests/servers/setup_vllm.sh
+	bash tests/servers/triton_env.sh
+
+# --- the demo model ---
+demo-model: venv apt
+	test -f model_repo/demo.manifest.json || $(BIN)/hqclip demo build
+
+# --- the two commands ---
+serve: demo-model
+	HQCLIP_MODEL_REPO=model_repo $(BIN)/hqclip serve
+
+test: venv apt test-servers
+	$(BIN)/pytest
+
+# Fast lane for your own loop: no real servers, no training.
+test-fast: venv
+	$(BIN)/pytest -m "not slow"
+
+clean:
+	rm -rf build $(VENV)

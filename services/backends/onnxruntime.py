@@ -1,0 +1,43 @@
+"""In-process ONNX Runtime: the embedded default backend."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import onnxruntime as ort
+
+from services.backends.base import Backend
+from services.manifest import Manifest
+from services.settings import Settings
+
+
+class OnnxRuntimeBackend(Backend):
+    def __init__(self, settings: Settings, manifest: Manifest) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = settings.ort_threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        image, text = manifest.towers(settings.precision)
+        names = [image, text] + ([manifest.tags.model] if manifest.tags else [])
+        self._sessions = {
+            name: ort.InferenceSession(
+                str(settings.model_repo / name / "1" / "model.onnx"), options, providers=["CPUExecutionProvider"]
+            )
+            for name in names
+        }
+        # ONNX Runtime releases the GIL while it runs, so a few threads overlap batches with decoding.
+        self._pool = ThreadPoolExecutor(max_workers=max(2, settings.batch.workers), thread_name_prefix="ort")
+
+    def _run(self, model: str, inputs: np.ndarray) -> np.ndarray:
+        session = self._sessions[model]
+        return session.run(None, {session.get_inputs()[0].name: inputs})[0]
+
+    async def infer(self, model: str, inputs: np.ndarray) -> np.ndarray:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._run, model, inputs)
+
+    async def ready(self) -> bool:
+        return bool(self._sessions)
+
+    async def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,150 @@
+"""The engine: what the routes call. Pre-processing on CPU threads, inference through the micro-batchers.
+
+Three steps per input, as in infinity: pre (decode / tokenize, in threads off the event loop), core (the backend,
+batched across requests), post (already done in-graph: the towers return L2-normalised embeddings).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from services.backends import Backend, create_backend
+from services.batcher import MicroBatcher
+from services.errors import ApiError
+from services.manifest import Manifest, load_manifest
+from services.metrics import Metrics
+from services.preprocess import ImageError, ImagePreprocessor
+from services.settings import Settings
+from services.tokenizer import load_tokenizer
+
+# A prompt ensemble for zero-shot classification: the seven templates the CLIP authors found best on ImageNet.
+DEFAULT_TEMPLATES = (
+    "itap of a {}.",
+    "a bad photo of the {}.",
+    "a origami {}.",
+    "a photo of the large {}.",
+    "a {} in a video game.",
+    "art of the {}.",
+    "a photo of the small {}.",
+)
+_LABEL_CACHE_SIZE = 8192
+
+
+class Engine:
+    def __init__(self, settings: Settings, metrics: Metrics, backend: Backend | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.manifest: Manifest = load_manifest(settings.model_repo, settings.model)
+        self.image_model, self.text_model = self.manifest.towers(settings.precision)
+        self.backend = backend or create_backend(settings, self.manifest)
+        self.tokenizer = load_tokenizer(self.manifest.text.tokenizer, settings.model_repo)
+        self.preprocess = ImagePreprocessor(
+            self.manifest.image, settings.limits.max_image_bytes, settings.limits.max_image_pixels
+        )
+        self._cpu = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="pre")
+        self._label_cache: OrderedDict[tuple[str, tuple[str, ...]], np.ndarray] = OrderedDict()
+        self._batchers: dict[str, MicroBatcher] = {}
+
+    async def start(self) -> None:
+        """Create the batchers on the running loop."""
+        batch = self.settings.batch
+        for model in (self.image_model, self.text_model):
+            self._batchers[model] = MicroBatcher(
+                model,
+                lambda rows, model=model: self.backend.infer(model, rows),
+                batch.max_size,
+                batch.max_delay_ms / 1000,
+                batch.queue_size,
+                batch.workers,
+                self.metrics,
+            )
+
+    async def close(self) -> None:
+        for batcher in self._batchers.values():
+            await batcher.close()
+        await self.backend.close()
+        self._cpu.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def queue_depth(self) -> int:
+        return sum(b.depth for b in self._batchers.values())
+
+    async def _in_threads(self, fn, items: list) -> list:
+        loop = asyncio.get_running_loop()
+        return await asyncio.gather(*(loop.run_in_executor(self._cpu, fn, item) for item in items))
+
+    async def embed_texts(self, texts: list[str], param: str = "input") -> tuple[np.ndarray, list[bool]]:
+        """L2-normalised embeddings [n, D] and, per text, whether it was truncated to the context length."""
+        for i, text in enumerate(texts):
+            if len(text) > self.settings.limits.max_text_chars:
+                raise ApiError(
+                    400,
+                    f"{param}[{i}] has {len(text)} characters, more than the limit of "
+                    f"{self.settings.limits.max_text_chars}",
+                    param=f"{param}[{i}]",
+                )
+        ids, truncated = await asyncio.get_running_loop().run_in_executor(self._cpu, self.tokenizer, texts)
+        self.metrics.items.labels("text").inc(len(texts))
+        return await self._batchers[self.text_model].submit(ids), truncated
+
+    def _decode(self, item: tuple[int, bytes, str]) -> np.ndarray:
+        index, data, param = item
+        try:
+            return self.preprocess(data)
+        except ImageError as exc:
+            raise ApiError(400, f"{param}[{index}]: {exc}", param=f"{param}[{index}]") from None
+
+    async def pixels(self, images: list[bytes], param: str = "input") -> np.ndarray:
+        """Decoded, resized, cropped uint8 [n, 3, H, W], each image in a thread off the event loop."""
+        return np.stack(await self._in_threads(self._decode, [(i, data, param) for i, data in enumerate(images)]))
+
+    async def embed_images(self, images: list[bytes], param: str = "input") -> np.ndarray:
+        """L2-normalised embeddings [n, D] of encoded images (JPEG, PNG, WebP, ...)."""
+        pixels = await self.pixels(images, param)
+        self.metrics.items.labels("image").inc(len(images))
+        return await self._batchers[self.image_model].submit(pixels)
+
+    async def tag_probabilities(self, image_embeddings: np.ndarray) -> np.ndarray:
+        """Per-tag probabilities [n, V] from the short-tag head; 404 when the model has none."""
+        if self.manifest.tags is None:
+            raise ApiError(404, f"model '{self.manifest.name}' has no tag head; export a model trained with "
+                           "short-tag classification (`hqclip train` with lambda_stc > 0)",
+                           param="model", type="not_found_error")
+        return await self.backend.infer(self.manifest.tags.model, image_embeddings.astype(np.float32))
+
+    async def label_embeddings(self, labels: list[str], templates: tuple[str, ...]) -> np.ndarray:
+        """One embedding per label: the normalised mean over its prompts, cached per (label, templates)."""
+        missing = [label for label in dict.fromkeys(labels) if (label, templates) not in self._label_cache]
+        if missing:
+            prompts = [template.format(label) for label in missing for template in templates]
+            embeddings, _ = await self.embed_texts(prompts, param="labels")
+            per_label = embeddings.reshape(len(missing), len(templates), -1).mean(axis=1)
+            per_label /= np.linalg.norm(per_label, axis=1, keepdims=True)
+            for label, vector in zip(missing, per_label):
+                self._label_cache[(label, templates)] = vector
+                if len(self._label_cache) > _LABEL_CACHE_SIZE:
+                    self._label_cache.popitem(last=False)
+        for label in labels:
+            self._label_cache.move_to_end((label, templates))
+        return np.stack([self._label_cache[(label, templates)] for label in labels])
+
+    def logits(self, image_embeddings: np.ndarray, label_embeddings: np.ndarray) -> np.ndarray:
+        """The model's own scaled similarities (learned logit scale and bias; never a hard-coded 100)."""
+        logits = self.manifest.logit_scale * image_embeddings @ label_embeddings.T
+        if self.manifest.logit_bias is not None:
+            logits += self.manifest.logit_bias
+        return logits
+
+    async def ready(self) -> bool:
+        """A real inference on a tiny input succeeds end to end."""
+        if not await self.backend.ready():
+            return False
+        await self.embed_texts(["ready"])
+        pixels = np.zeros((1, 3, *self.manifest.image.size), dtype=np.uint8)
+        await self._batchers[self.image_model].submit(pixels)
+        return True

@@ -1,0 +1,1 @@
+"""HTTP routes: each module translates HTTP to engine calls and nothing else."""

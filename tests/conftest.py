@@ -1,0 +1,110 @@
+"""Shared fixtures: a tiny exported model repository and real gateway processes on free ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STARTUP_TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_healthy(url: str, process: subprocess.Popen, log: Path, path: str = "/health") -> None:
+    """Poll until the server answers (a readiness poll, not a sleep): fail with its log if it dies or hangs."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(url + path, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    process.kill()
+    raise RuntimeError(f"server not healthy after {STARTUP_TIMEOUT_S}s:\n{log.read_text()[-4000:]}")
+
+
+@dataclass
+class Gateway:
+    """A real `hqclip serve` process."""
+
+    url: str
+    process: subprocess.Popen
+    env: dict[str, str]
+    log: Path
+    stopped: bool = field(default=False)
+
+    def __str__(self) -> str:
+        return self.url
+
+    def stop(self) -> None:
+        """Graceful shutdown (SIGTERM), as an operator would."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=30)
+        self.stopped = True
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown hooks run."""
+        self.process.kill()
+        self.process.wait(timeout=30)
+        self.stopped = True
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tmp_path_factory) -> Path:
+    """A tiny random-weight open_clip model, exported by `hqclip export` into a fresh model repository."""
+    from training.export import export_checkpoint
+    from training.tiny import write_tiny_checkpoint
+
+    checkpoint = write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-checkpoint"))
+    repo = tmp_path_factory.mktemp("model-repo")
+    export_checkpoint(str(checkpoint), out=repo, name="tiny")
+    return repo
+
+
+@pytest.fixture(scope="session")
+def gateway_factory(tmp_path_factory, tiny_repo):
+    """``start(**env)`` -> Gateway: a real uvicorn gateway subprocess on a free port, HQCLIP_* env applied
+    (defaults: the tiny repository). Every gateway started is stopped at the end of the session."""
+    started: list[Gateway] = []
+
+    def start(**env: str) -> Gateway:
+        port = free_port()
+        full_env = {**os.environ, "HQCLIP_MODEL_REPO": str(tiny_repo), "HQCLIP_HOST": "127.0.0.1",
+                    "HQCLIP_PORT": str(port), "HQCLIP_LOG_LEVEL": "warning", **env}
+        log = tmp_path_factory.mktemp("gateway") / "gateway.log"
+        with open(log, "wb") as out:
+            process = subprocess.Popen([sys.executable, "-m", "services.cli", "serve"], cwd=ROOT, env=full_env,
+                                       stdout=out, stderr=subprocess.STDOUT)
+        gateway = Gateway(f"http://127.0.0.1:{port}", process, full_env, log)
+        started.append(gateway)
+        wait_until_healthy(gateway.url, process, log)
+        return gateway
+
+    yield start
+    for gateway in started:
+        if gateway.process.poll() is None:
+            gateway.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway(gateway_factory) -> Gateway:
+    """The default gateway on the tiny repository."""
+    return gateway_factory()
