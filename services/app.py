@@ -13,11 +13,13 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from services.engine import Engine
 from services.errors import error_body, install_error_handlers
+from services.index.manager import CollectionManager
 from services.metrics import Metrics
-from services.routes import classify, embeddings, system
+from services.routes import classify, collections, embeddings, system
 from services.settings import Settings
 
 OPEN_PATHS = frozenset({"/health", "/ready"})
@@ -27,20 +29,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
     engine = Engine(settings, metrics)
+    index = CollectionManager(settings.index, engine.manifest.name, engine.manifest.embed_dim)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await engine.start()
+        await run_in_threadpool(index.start)  # opens every collection: snapshot + WAL replay
         try:
             yield
         finally:
+            await run_in_threadpool(index.close)  # final snapshots
             await engine.close()
 
     app = FastAPI(title="HQ-CLIP gateway", version="0.1.0", lifespan=lifespan)
     app.state.settings, app.state.metrics, app.state.engine = settings, metrics, engine
     app.state.readiness = {}
+    app.state.collections = index
     install_error_handlers(app)
-    for module in (embeddings, classify, system):
+    for module in (embeddings, classify, collections, system):
         app.include_router(module.router)
 
     keys = [key.encode() for key in settings.api_keys]

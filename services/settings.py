@@ -42,6 +42,29 @@ class TritonSettings(BaseModel):
     ready_timeout_s: float = Field(2.0, gt=0, description="Timeout of each readiness check (/ready during an outage).")
 
 
+class IndexParams(BaseModel):
+    """How a new collection's FAISS index is built (services/index/vectors.py); a create request may override each."""
+
+    kind: Literal["flat", "hnsw", "ivfpq"] = Field(
+        "flat", description="flat: exact; hnsw: graph; ivfpq: compressed, exact re-ranking (docs/retrieval.md)."
+    )
+    hnsw_m: int = Field(32, ge=4, le=128, description="hnsw: graph neighbours per node.")
+    ef_construction: int = Field(80, ge=8, description="hnsw: candidate list while inserting.")
+    ef_search: int = Field(128, ge=8, description="hnsw: candidate list while searching (at least top_k).")
+    nlist: int = Field(1024, ge=1, description="ivfpq: inverted lists; trained once 40 x max(nlist, 256) items.")
+    pq_m: int = Field(64, ge=1, description="ivfpq: PQ sub-quantizers (lowered to a divisor of the dimension).")
+    nprobe: int = Field(32, ge=1, description="ivfpq: lists visited per query.")
+    rerank: int = Field(10, ge=1, description="ivfpq: candidates per wanted result, re-ranked exactly.")
+
+
+class IndexSettings(IndexParams):
+    """Retrieval collections (services/index/): where they live, how often they are snapshotted, index defaults."""
+
+    dir: Path = Field(Path("data/collections"), description="Folder of collections, one subfolder each.")
+    snapshot_interval_s: float = Field(30.0, gt=0, description="How often changed collections are snapshotted.")
+    gpu: bool = Field(True, description="Run indexes on a GPU when FAISS sees one (a faiss-gpu build).")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HQCLIP_", env_nested_delimiter="__", extra="ignore")
 
@@ -59,6 +82,7 @@ class Settings(BaseSettings):
     batch: BatchSettings = BatchSettings()
     limits: LimitSettings = LimitSettings()
     triton: TritonSettings = TritonSettings()
+    index: IndexSettings = IndexSettings()
 
     @field_validator("api_keys", mode="before")
     @classmethod

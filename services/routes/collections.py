@@ -1,0 +1,341 @@
+"""Retrieval collections: create / list / delete them, upsert and delete items, search by text, image, vector or id.
+
+Routes translate HTTP to calls: items are embedded through the engine (the same micro-batcher as /v1/embed),
+optionally refined by the LVLM (``app.state.refiner``), and stored by services/index (in worker threads: SQLite
+commits and FAISS searches block).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, File, Form, Request, UploadFile
+from pydantic import BaseModel, Field, ValidationError, model_validator
+from starlette.concurrency import run_in_threadpool
+
+from services.engine import DEFAULT_TEMPLATES
+from services.errors import ApiError
+from services.index.manager import CollectionExists, CollectionManager, CollectionNotFound
+from services.index.store import Collection, Filters, Hit, Item
+from services.payloads import check_count, decode_image, engine_of, read_uploads
+from services.settings import IndexParams
+
+router = APIRouter(tags=["collections"])
+
+MAX_TOP_K = 1000
+MAX_OFFSET = 10_000
+
+
+# --- request / response models ---
+class CreateCollectionRequest(BaseModel):
+    name: str = Field(description="1-64 letters, digits, '_', '.' or '-'.")
+    dim: int | None = Field(None, gt=0, description="Vector dimension; default: the served model's.")
+    index: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Index parameters overriding the HQCLIP_INDEX__* defaults: kind (flat, hnsw, ivfpq), hnsw_m, "
+        "ef_construction, ef_search, nlist, pq_m, nprobe, rerank.",
+    )
+
+
+class ItemIn(Item):
+    """An item and what to embed: exactly one of text, image (base64 / data URI) or a precomputed vector."""
+
+    text: str | None = None
+    image: str | None = None
+    vector: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ItemIn:
+        if sum(v is not None for v in (self.text, self.image, self.vector)) != 1:
+            raise ValueError("give exactly one of 'text', 'image' or 'vector'")
+        return self
+
+
+class AddItemsRequest(BaseModel):
+    items: list[ItemIn]
+    refine: bool | None = Field(
+        None, description="Store the LVLM's tags and descriptions of each image: default when a refiner is "
+        "configured (HQCLIP_REFINE__URLS); true requires one; false skips it."
+    )
+
+
+class DeleteItemsRequest(BaseModel):
+    ids: list[str] = Field(min_length=1)
+
+
+class SearchRequest(BaseModel):
+    """Exactly one query: text, image (base64 / data URI), vector, or the id of a stored item."""
+
+    text: str | None = None
+    image: str | None = None
+    vector: list[float] | None = None
+    id: str | None = Field(None, description="Find items like this stored one (it is left out of the results).")
+    templates: bool | list[str] = Field(
+        False, description="text only: embed through prompt templates ('{}' = the text) and average; true = the "
+        "gateway's default ensemble (the one /v1/classify uses)."
+    )
+    top_k: int = Field(10, ge=1, le=MAX_TOP_K)
+    offset: int = Field(0, ge=0, le=MAX_OFFSET, description="Skip this many results (paging).")
+    filters: Filters | None = None
+
+    @model_validator(mode="after")
+    def _one_query(self) -> SearchRequest:
+        if sum(v is not None for v in (self.text, self.image, self.vector, self.id)) != 1:
+            raise ValueError("give exactly one of 'text', 'image', 'vector' or 'id'")
+        if self.templates and self.text is None:
+            raise ValueError("'templates' applies to a 'text' query only")
+        if isinstance(self.templates, list) and not all("{}" in t for t in self.templates):
+            raise ValueError("each template needs one '{}' where the text goes")
+        return self
+
+
+class SearchHit(BaseModel):
+    id: str
+    score: float
+    uri: str | None
+    caption: str | None
+    tags: list[str]
+    attributes: dict[str, Any]
+    created: float
+
+
+class SearchResponse(BaseModel):
+    collection: str
+    results: list[SearchHit]
+    top_k: int
+    offset: int
+
+
+# --- helpers ---
+def _manager(request: Request) -> CollectionManager:
+    return request.app.state.collections
+
+
+def _collection(request: Request, name: str) -> Collection:
+    try:
+        return _manager(request).get(name)
+    except CollectionNotFound:
+        raise ApiError(404, f"no collection '{name}'; create it with POST /v1/collections", param="collection",
+                       type="not_found_error") from None
+
+
+def _vector(values: list[float], dim: int, param: str) -> np.ndarray:
+    if len(values) != dim:
+        raise ApiError(400, f"{param} has {len(values)} dimensions; this collection stores {dim}", param=param)
+    vector = np.asarray(values, dtype=np.float32)
+    if not np.isfinite(vector).all() or not vector.any():
+        raise ApiError(400, f"{param} must be finite and not all zeros", param=param)
+    return vector
+
+
+def _check_model_dim(request: Request, collection: Collection, param: str) -> None:
+    """Embedding through the model only makes sense when the model's vectors fit the collection."""
+    manifest = engine_of(request).manifest
+    if manifest.embed_dim != collection.spec.dim:
+        raise ApiError(400, f"collection '{collection.name}' stores {collection.spec.dim}-d vectors but model "
+                       f"'{manifest.name}' embeds {manifest.embed_dim}-d; give 'vector' instead", param=param)
+
+
+def _hit(hit: Hit) -> SearchHit:
+    return SearchHit(**hit.__dict__)
+
+
+# --- collections ---
+@router.post("/v1/collections", status_code=201)
+async def create_collection(body: CreateCollectionRequest, request: Request) -> dict:
+    manager = _manager(request)
+    defaults = request.app.state.settings.index
+    unknown = sorted(set(body.index) - set(IndexParams.model_fields))
+    if unknown:
+        raise ApiError(400, f"index.{unknown[0]} is not an index parameter; known: "
+                       f"{', '.join(IndexParams.model_fields)}", param=f"index.{unknown[0]}")
+    try:
+        params = IndexParams.model_validate({**defaults.model_dump(include=set(IndexParams.model_fields)),
+                                             **body.index})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = "index." + ".".join(str(p) for p in first["loc"])
+        raise ApiError(400, f"{param}: {first['msg']}", param=param) from None
+    try:
+        collection = await run_in_threadpool(manager.create, body.name, params, body.dim)
+    except CollectionExists:
+        raise ApiError(409, f"collection '{body.name}' exists; delete it first or pick another name",
+                       param="name") from None
+    except ValueError as exc:
+        raise ApiError(400, str(exc), param="name") from None
+    return collection.describe()
+
+
+@router.get("/v1/collections")
+async def list_collections(request: Request) -> dict:
+    return {"object": "list", "data": [c.describe() for c in _manager(request).list()]}
+
+
+@router.get("/v1/collections/{collection}")
+async def get_collection(collection: str, request: Request) -> dict:
+    return _collection(request, collection).describe()
+
+
+@router.delete("/v1/collections/{collection}")
+async def delete_collection(collection: str, request: Request) -> dict:
+    _collection(request, collection)
+    try:
+        await run_in_threadpool(_manager(request).delete, collection)
+    except CollectionNotFound:  # deleted by a concurrent request
+        pass
+    return {"deleted": collection}
+
+
+# --- items ---
+async def _refine(request: Request, images: dict[int, bytes], items: list[Item], wanted: bool | None) -> None:
+    """Add the LVLM's tags and descriptions of each image to its item's metadata."""
+    refiner = getattr(request.app.state, "refiner", None)
+    if wanted is False or not images:
+        return
+    if refiner is None:
+        if wanted:
+            raise ApiError(400, "refine=true needs an LVLM: set HQCLIP_REFINE__URLS (see docs/refinement.md)",
+                           param="refine")
+        return
+    from services.refine.client import RefineFailed, RefineRejected, RefinerUnavailable
+
+    async def one(i: int, data: bytes):
+        try:
+            return i, await refiner.refine(data, items[i].caption)
+        except RefineRejected as exc:
+            raise ApiError(400, f"items[{i}].image: the LVLM refused it: {exc}", param=f"items[{i}].image") from None
+        except RefinerUnavailable as exc:
+            raise ApiError(503, f"{exc}; or send refine=false", param="refine", type="service_unavailable") from None
+        except RefineFailed as exc:
+            raise ApiError(502, f"items[{i}]: {exc}; retry, or send refine=false", param=f"items[{i}]",
+                           type="upstream_error") from None
+
+    for i, result in await asyncio.gather(*(one(i, data) for i, data in images.items())):
+        refined = result.refinement
+        item = items[i]
+        item.tags = list(dict.fromkeys([*item.tags, *refined.tags]))
+        item.attributes = {**item.attributes, "refined": {"desc": refined.desc, "neg_desc": refined.neg_desc,
+                                                          "neg_tags": refined.neg_tags, "model": result.model}}
+
+
+async def _store(request: Request, collection: Collection, items: list[Item], texts: dict[int, str],
+                 images: dict[int, bytes], vectors: dict[int, np.ndarray], refine: bool | None) -> dict:
+    """Embed what needs embedding (and refine images), then upsert; answered once the write is durable."""
+    engine = engine_of(request)
+    if texts or images:
+        _check_model_dim(request, collection, f"items[{min([*texts, *images])}]")
+
+    async def run_texts():
+        if texts:
+            embedded, _ = await engine.embed_texts(list(texts.values()), param="items.text")
+            vectors.update(zip(texts, embedded))
+
+    async def run_images():
+        if images:
+            vectors.update(zip(images, await engine.embed_images(list(images.values()), param="items.image")))
+
+    await asyncio.gather(run_texts(), run_images(), _refine(request, images, items, refine))
+    matrix = np.stack([vectors[i] for i in range(len(items))])
+    try:
+        await run_in_threadpool(collection.upsert, items, matrix)
+    except ValueError as exc:
+        raise ApiError(400, str(exc), param="items") from None
+    return {"collection": collection.name, "upserted": len(items), "ids": [item.id for item in items],
+            "count": collection.count}
+
+
+@router.post("/v1/collections/{collection}/items")
+async def add_items(collection: str, body: AddItemsRequest, request: Request) -> dict:
+    """Upsert items: each embedded from its text or image, or stored with its given vector."""
+    target = _collection(request, collection)
+    engine = engine_of(request)
+    check_count(engine, len(body.items), "items")
+    texts, images, vectors = {}, {}, {}
+    limit = engine.settings.limits.max_image_bytes
+    for i, item in enumerate(body.items):
+        if item.text is not None:
+            texts[i] = item.text
+        elif item.image is not None:
+            images[i] = decode_image(item.image, f"items[{i}].image", limit)
+        else:
+            vectors[i] = _vector(item.vector, target.spec.dim, f"items[{i}].vector")
+    items = [Item(**item.model_dump(include=set(Item.model_fields))) for item in body.items]
+    return await _store(request, target, items, texts, images, vectors, body.refine)
+
+
+@router.post("/v1/collections/{collection}/items/upload")
+async def upload_items(
+    collection: str,
+    request: Request,
+    files: list[UploadFile] = File(...),
+    items: str | None = Form(None, description="JSON list of item metadata (id, uri, caption, tags, attributes), "
+                             "one per file in order; default: each file's name is its id."),
+    refine: bool | None = Form(None),
+) -> dict:
+    """Upsert images sent as multipart uploads (``-F files=@a.jpg -F items='[{"id": "a"}]'``)."""
+    target = _collection(request, collection)
+    engine = engine_of(request)
+    data = await read_uploads(engine, files)
+    if items is None:
+        metadata = [{"id": upload.filename or f"upload-{i}"} for i, upload in enumerate(files)]
+    else:
+        try:
+            metadata = json.loads(items)
+        except ValueError:
+            raise ApiError(400, "items must be a JSON list of objects", param="items") from None
+        if not isinstance(metadata, list) or len(metadata) != len(files):
+            raise ApiError(400, f"items must be a JSON list with one object per file ({len(files)})", param="items")
+    parsed = []
+    for i, meta in enumerate(metadata):
+        try:
+            parsed.append(Item.model_validate(meta))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            param = f"items[{i}]" + "".join(f".{p}" for p in first["loc"])
+            raise ApiError(400, f"{param}: {first['msg']}", param=param) from None
+    return await _store(request, target, parsed, {}, dict(enumerate(data)), {}, refine)
+
+
+@router.delete("/v1/collections/{collection}/items")
+async def delete_items(collection: str, body: DeleteItemsRequest, request: Request) -> dict:
+    target = _collection(request, collection)
+    deleted = await run_in_threadpool(target.delete, body.ids)
+    gone = set(deleted)
+    return {"collection": collection, "deleted": deleted, "not_found": [i for i in body.ids if i not in gone],
+            "count": target.count}
+
+
+# --- search ---
+async def _query_vector(request: Request, target: Collection, body: SearchRequest) -> np.ndarray:
+    engine = engine_of(request)
+    if body.vector is not None:
+        return _vector(body.vector, target.spec.dim, "vector")
+    if body.id is not None:
+        try:
+            return await run_in_threadpool(target.vector, body.id)
+        except KeyError:
+            raise ApiError(404, f"no item '{body.id}' in collection '{target.name}'", param="id",
+                           type="not_found_error") from None
+    if body.text is not None:
+        _check_model_dim(request, target, "text")
+        if body.templates:
+            templates = DEFAULT_TEMPLATES if body.templates is True else tuple(body.templates)
+            return (await engine.label_embeddings([body.text], templates))[0]
+        embedded, _ = await engine.embed_texts([body.text], param="text")
+        return embedded[0]
+    _check_model_dim(request, target, "image")
+    data = decode_image(body.image, "image", engine.settings.limits.max_image_bytes)
+    return (await engine.embed_images([data], param="image"))[0]
+
+
+@router.post("/v1/collections/{collection}/search", response_model=SearchResponse)
+async def search(collection: str, body: SearchRequest, request: Request) -> SearchResponse:
+    target = _collection(request, collection)
+    query = await _query_vector(request, target, body)
+    results = await run_in_threadpool(target.search, query[None, :], body.top_k, body.offset, body.filters, body.id)
+    return SearchResponse(collection=collection, results=[_hit(h) for h in results[0]], top_k=body.top_k,
+                          offset=body.offset)
+
