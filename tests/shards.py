@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from skimage import data as skdata
 from webdataset import TarWriter
+
+from tests.photos import encode, photo
 
 # photo -> (alt text, clauses of the long description, tags, the negative edit of each)
 SUBJECTS = {
@@ -32,15 +32,8 @@ SUBJECTS = {
 }
 
 
-def photo(name: str) -> Image.Image:
-    array = getattr(skdata, name)()
-    return Image.fromarray(array[..., :3] if array.ndim == 3 else array).convert("RGB")
-
-
 def jpeg(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=85)
-    return buffer.getvalue()
+    return encode(image, "JPEG", quality=85)
 
 
 def crop(image: Image.Image, rng: np.random.Generator, size: int = 96) -> Image.Image:
