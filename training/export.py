@@ -1,0 +1,231 @@
+"""``hqclip export``: an open_clip model -> a Triton model repository the services can serve.
+
+Writes, for a model ``<name>`` (the contract is model_repo/README.md and services/manifest.py):
+    <out>/<name>_image/1/model.onnx + config.pbtxt      uint8 pixels -> L2-normalised embeddings
+    <out>/<name>_text/1/model.onnx + config.pbtxt       int64 ids -> L2-normalised embeddings (+ tokenizer file)
+    <out>/<name>_tags/1/model.onnx + config.pbtxt       image embeddings -> tag probabilities (with a tag head)
+    <out>/<name>.manifest.json
+Everything is built in a temporary folder next to ``<out>`` and checked with ONNX Runtime against the torch
+forward at batch 1, 7 and 32 before it is moved in, the manifest last: a failed export changes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import platform
+import re
+import shutil
+import tempfile
+import warnings
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from torch import nn
+
+from services.manifest import MANIFEST_SUFFIX, ImageSpec, Manifest, TagSpec, TextSpec, TokenizerSpec, sha256_file
+from services.tokenizer import load_tokenizer
+from training.models import TokenizerInfo, load_model, logit_scale_and_bias
+from training.onnx_towers import (EMBEDDINGS_OUTPUT, IMAGE_INPUT, TAGS_INPUT, TAGS_OUTPUT, TEXT_INPUT, ImageTower,
+                                  TagTower, TextTower)
+from training.triton_config import Tensor, write_triton_config
+
+DEFAULT_OPSET = 17
+CHECK_BATCHES = (1, 7, 32)
+MIN_COSINE = 0.999  # the export-time sanity check on random inputs; the tests hold real inputs to 0.9999
+CHECK_TEXTS = ["a photo of a cat", "a diagram of a rocket engine", "two dogs playing in the snow", "",
+               "a close-up photo of a cup of coffee on a wooden table", "an astronaut", "Tokyo at night 東京"]
+
+
+def default_name(model: str) -> str:
+    """A Triton-safe model name from a model name, folder or hub id: ``ViT-B-16`` -> ``vit-b-16``."""
+    stem = Path(model.removeprefix("hf-hub:").rstrip("/")).name
+    return re.sub(r"[^a-z0-9_-]+", "-", stem.lower()).strip("-") or "model"
+
+
+@contextlib.contextmanager
+def _mha_fastpath_disabled():
+    """PyTorch's fused MHA fast path exports as ``aten::_native_multi_head_attention``, which ONNX lacks."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
+def _export_onnx(module: nn.Module, example: torch.Tensor, path: Path, input_name: str, output_name: str,
+                 opset: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad(), _mha_fastpath_disabled(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer and deprecation chatter about the TorchScript exporter
+        torch.onnx.export(
+            module.eval(), (example,), str(path), input_names=[input_name], output_names=[output_name],
+            dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}}, opset_version=opset, dynamo=False,
+        )
+
+
+def _check_parity(module: nn.Module, path: Path, inputs: dict[int, np.ndarray], what: str) -> None:
+    """ONNX Runtime vs torch at each batch size: the export fails unless every row's cosine >= MIN_COSINE."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    for batch, array in inputs.items():
+        got = session.run(None, {input_name: array})[0]
+        with torch.no_grad(), _mha_fastpath_disabled():
+            want = module(torch.from_numpy(array)).numpy()
+        if got.shape != want.shape:
+            raise RuntimeError(f"{what}: ONNX output {got.shape} at batch {batch}, torch {want.shape}")
+        cosine = (got * want).sum(-1) / np.maximum(np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1),
+                                                   1e-12)
+        if cosine.min() < MIN_COSINE:
+            raise RuntimeError(f"{what}: ONNX differs from torch at batch {batch} (cosine {cosine.min():.6f}); "
+                               "try another --opset, or report the model")
+
+
+def _image_spec(preprocess_cfg: dict, name: str) -> ImageSpec:
+    size = preprocess_cfg.get("size", 224)
+    height, width = (size, size) if isinstance(size, int) else tuple(size)[-2:]
+    mean, std = preprocess_cfg["mean"], preprocess_cfg["std"]
+    mean = tuple(mean) if isinstance(mean, (list, tuple)) else (mean,) * 3
+    std = tuple(std) if isinstance(std, (list, tuple)) else (std,) * 3
+    resize_mode = preprocess_cfg.get("resize_mode") or "shortest"
+    interpolation = preprocess_cfg.get("interpolation") or "bicubic"
+    if interpolation == "random" or (resize_mode == "shortest" and height != width):
+        interpolation = "bicubic"  # what open_clip's eval transform really uses in these cases
+    return ImageSpec(model=f"{name}_image", input=IMAGE_INPUT, output=EMBEDDINGS_OUTPUT, size=(height, width),
+                     resize_mode=resize_mode, interpolation=interpolation,
+                     fill_color=int(preprocess_cfg.get("fill_color", 0)), mean=mean, std=std)
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("hqclip", "torch", "open_clip_torch", "timm", "transformers", "onnx", "onnxruntime"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[package] = metadata.version(package)
+    return versions
+
+
+def _install(staging: Path, out: Path, name: str) -> None:
+    """Move the built model into ``out``: towers first, the manifest (what services read) last.
+
+    Whatever this model had there before (including a tag head the new export lacks) goes to the trash.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    trash = staging / ".replaced"
+    trash.mkdir()
+    for folder in (f"{name}_image", f"{name}_text", f"{name}_tags"):
+        if (out / folder).exists():
+            (out / folder).rename(trash / folder)
+        if (staging / folder).exists():
+            (staging / folder).rename(out / folder)
+    (staging / f"{name}{MANIFEST_SUFFIX}").replace(out / f"{name}{MANIFEST_SUFFIX}")
+
+
+def export_model(
+    model: nn.Module,
+    preprocess_cfg: dict,
+    tokenizer_info: TokenizerInfo,
+    out: Path,
+    name: str,
+    weights_desc: str,
+    tag_head: nn.Module | None = None,
+    tag_vocab: list[str] | None = None,
+    *,
+    architecture: str = "custom",
+    description: str = "",
+    max_batch_size: int = 32,
+    opset: int = DEFAULT_OPSET,
+) -> Path:
+    """Export an in-memory open_clip model (and optional tag head) into the repository ``out``.
+
+    ``preprocess_cfg`` is open_clip's (``open_clip.get_model_preprocess_cfg(model)``: size, mean, std,
+    interpolation, resize_mode, fill_color); ``tokenizer_info`` comes from ``training.models.tokenizer_info``.
+    ``tag_head`` maps image embeddings [B, D] to logits [B, len(tag_vocab)]. Returns the manifest's path.
+    """
+    if (tag_head is None) != (tag_vocab is None):
+        raise ValueError("give both tag_head and tag_vocab, or neither")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        raise ValueError(f"model name '{name}' must use only letters, digits, '_' and '-' (it names Triton models)")
+    out = Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    image_spec = _image_spec(preprocess_cfg, name)
+    batches = [b for b in CHECK_BATCHES if b <= max_batch_size] or [max_batch_size]
+    console = Console(stderr=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-{name}-", dir=out.parent))
+    try:
+        console.log(f"{name}: exporting the text tower, checking it at batch {batches}")
+        text_dir = staging / f"{name}_text"
+        text_dir.mkdir()
+        tokenizer_spec = TokenizerSpec(kind=tokenizer_info.kind, file=f"{name}_text/{tokenizer_info.save(text_dir)}",
+                                       context_length=tokenizer_info.context_length, clean=tokenizer_info.clean,
+                                       pad_id=tokenizer_info.pad_id)
+        tokenizer = load_tokenizer(tokenizer_spec, staging)
+        texts = {b: tokenizer([CHECK_TEXTS[i % len(CHECK_TEXTS)] for i in range(b)])[0] for b in batches}
+        text_tower = TextTower(model)
+        _export_onnx(text_tower, torch.from_numpy(texts[batches[0]]), text_dir / "1" / "model.onnx", TEXT_INPUT,
+                     EMBEDDINGS_OUTPUT, opset)
+        _check_parity(text_tower, text_dir / "1" / "model.onnx", texts, "text tower")
+
+        console.log(f"{name}: exporting the image tower, checking it at batch {batches}")
+        image_dir = staging / f"{name}_image"
+        height, width = image_spec.size
+        rng = np.random.default_rng(0)
+        pixels = {b: rng.integers(0, 256, (b, 3, height, width), dtype=np.uint8) for b in batches}
+        image_tower = ImageTower(model, image_spec.mean, image_spec.std)
+        _export_onnx(image_tower, torch.from_numpy(pixels[batches[0]]), image_dir / "1" / "model.onnx", IMAGE_INPUT,
+                     EMBEDDINGS_OUTPUT, opset)
+        _check_parity(image_tower, image_dir / "1" / "model.onnx", pixels, "image tower")
+        with torch.no_grad():
+            embed_dim = int(image_tower(torch.from_numpy(pixels[batches[0]])).shape[-1])
+        embedding = Tensor(EMBEDDINGS_OUTPUT, np.float32, (embed_dim,))
+        write_triton_config(image_dir, image_spec.model, [Tensor(IMAGE_INPUT, np.uint8, (3, height, width))],
+                            [embedding], max_batch_size)
+        write_triton_config(text_dir, f"{name}_text", [Tensor(TEXT_INPUT, np.int64, (tokenizer_spec.context_length,))],
+                            [embedding], max_batch_size)
+
+        tags = None
+        if tag_head is not None:
+            console.log(f"{name}: exporting the tag head ({len(tag_vocab)} tags)")
+            tags_dir = staging / f"{name}_tags"
+            tag_tower = TagTower(tag_head.eval())
+            embeddings = {b: rng.standard_normal((b, embed_dim), dtype=np.float32) for b in batches}
+            _export_onnx(tag_tower, torch.from_numpy(embeddings[batches[0]]), tags_dir / "1" / "model.onnx",
+                         TAGS_INPUT, TAGS_OUTPUT, opset)
+            _check_parity(tag_tower, tags_dir / "1" / "model.onnx", embeddings, "tag head")
+            write_triton_config(tags_dir, f"{name}_tags", [Tensor(TAGS_INPUT, np.float32, (embed_dim,))],
+                                [Tensor(TAGS_OUTPUT, np.float32, (len(tag_vocab),))], max_batch_size)
+            tags = TagSpec(model=f"{name}_tags", input=TAGS_INPUT, output=TAGS_OUTPUT, vocabulary=list(tag_vocab))
+
+        logit_scale, logit_bias = logit_scale_and_bias(model)
+        files = {p.relative_to(staging).as_posix(): sha256_file(p) for p in sorted(staging.rglob("*")) if p.is_file()}
+        manifest = Manifest(
+            name=name, architecture=architecture, weights=weights_desc,
+            description=description or ("random weights: for tests and demos only, not a trained model"
+                                        if weights_desc == "random" else ""),
+            embed_dim=embed_dim, logit_scale=logit_scale, logit_bias=logit_bias, max_batch_size=max_batch_size,
+            image=image_spec,
+            text=TextSpec(model=f"{name}_text", input=TEXT_INPUT, output=EMBEDDINGS_OUTPUT, tokenizer=tokenizer_spec),
+            tags=tags, files=files,
+            created={"at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "by": "hqclip export",
+                     "opset": str(opset), **_versions()},
+        )
+        (staging / f"{name}{MANIFEST_SUFFIX}").write_text(manifest.model_dump_json(indent=2) + "\n")
+        _install(staging, out, name)
+        console.log(f"{name}: wrote {out / (name + MANIFEST_SUFFIX)}")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out / f"{name}{MANIFEST_SUFFIX}"
+
+
+def export_checkpoint(model: str, pretrained: str | None = None, *, out: Path, name: str | None = None,
+                      max_batch_size: int = 32, opset: int = DEFAULT_OPSET) -> Path:
+    """Load ``model`` (an open_clip name, a checkpoint folder or ``hf-hub:`` id) and export it; the manifest path."""
+    loaded = load_model(model, pretrained)
+    return export_model(loaded.model, loaded.preprocess_cfg, loaded.tokenizer, out, name or default_name(model),
+                        loaded.weights, architecture=loaded.architecture, max_batch_size=max_batch_size, opset=opset)

@@ -1,0 +1,52 @@
+"""The torch modules that become the ONNX towers: pre- and post-processing inside the graph.
+
+- ``ImageTower``: uint8 pixels [B,3,H,W] (resized and cropped by the services) -> /255, (x - mean) / std ->
+  ``encode_image`` -> L2 normalise. uint8 on the wire is 4x fewer bytes than float32.
+- ``TextTower``: int64 ids [B,L] -> ``encode_text`` -> L2 normalise. The attention mask comes from the model's
+  own forward (open_clip's HF tower derives it from ``pad_token_id``; its CLIP tower is causal and pools at EOT).
+- ``TagTower``: image embeddings [B,D] -> the short-tag head's logits -> sigmoid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMAGE_INPUT = "pixel_values"
+TEXT_INPUT = "input_ids"
+TAGS_INPUT = "embeddings"
+EMBEDDINGS_OUTPUT = "embeddings"
+TAGS_OUTPUT = "probabilities"
+
+
+class ImageTower(nn.Module):
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        pixels = (pixel_values.float() / 255.0 - self.mean) / self.std
+        return F.normalize(self.model.encode_image(pixels), dim=-1)
+
+
+class TextTower(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.model.encode_text(input_ids), dim=-1)
+
+
+class TagTower(nn.Module):
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.head(embeddings))
