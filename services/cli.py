@@ -9,6 +9,11 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="HQ-CLIP: train, export, refine and serve.")
 
 
+@app.callback()
+def main() -> None:
+    """HQ-CLIP: train, export, refine and serve."""
+
+
 @app.command()
 def serve(
     host: str = typer.Option(None, help="Bind address (default HQCLIP_HOST or 127.0.0.1)."),
@@ -43,6 +48,52 @@ def export(
     from training.export import export_checkpoint
 
     export_checkpoint(model, pretrained, out=out, name=name, max_batch_size=max_batch_size, opset=opset)
+
+
+@app.command()
+def train(
+    config: Path = typer.Option(None, "--config", help="YAML config (sections model, data, loss, optim, run)."),
+    overrides: list[str] = typer.Argument(None, help="section.field=value overrides, e.g. optim.lr=1e-4"),
+) -> None:
+    """Train with the HQ-CLIP objective (resumes from the output folder); under torchrun for data parallel."""
+    from training.train import main as train_main
+
+    train_main((["--config", str(config)] if config else []) + list(overrides or []))
+
+
+@app.command("eval")
+def evaluate(
+    checkpoint: Path = typer.Option(None, help="An `hqclip train` checkpoint (model, tag head, vocabulary)."),
+    model: str = typer.Option(None, help="Or: an open_clip model name or checkpoint folder."),
+    pretrained: str = typer.Option(None, help="Weights for --model: a file or an open_clip tag."),
+    shards: list[str] = typer.Option(None, help="Webdataset shards (brace patterns expand); repeatable."),
+    folder: Path = typer.Option(None, help="Or: a folder of labelled images, <folder>/<class name>/*.jpg."),
+    templates: Path = typer.Option(None, help="Zero-shot prompt templates, one per line with {} for the class."),
+    out: Path = typer.Option(None, help="Write <out>.json and <out>.md."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    batch_size: int = typer.Option(64, min=1),
+) -> None:
+    """Zero-shot accuracy, retrieval R@1/5/10, hard-negative accuracy and tag mAP, as a markdown table."""
+    from training.evaluate import run, to_markdown
+
+    results = run(checkpoint=checkpoint, model=model, pretrained=pretrained, shards=shards or None, folder=folder,
+                  templates_file=templates, out=out, device=device, batch_size=batch_size)
+    typer.echo(to_markdown(results, f"Evaluation of {checkpoint or model}"))
+
+
+@app.command()
+def join(
+    shards: list[str] = typer.Argument(..., help="img2dataset shards (brace patterns expand)."),
+    annotations: Path = typer.Option(..., help="Folder of released annotation files, one {uid}.json each."),
+    out: Path = typer.Option(..., help="Folder for the joined shards (same file names)."),
+    uid_field: str = typer.Option("uid", help="The JSON field holding the DataComp uid."),
+) -> None:
+    """Attach released VLM-150M/VLM-1B annotations to img2dataset shards by uid; resumable."""
+    import json
+
+    from training.data import join_annotations
+
+    typer.echo(json.dumps(join_annotations(shards, annotations, out, uid_field), sort_keys=True))
 
 
 if __name__ == "__main__":

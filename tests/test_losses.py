@@ -116,7 +116,7 @@ def test_tag_head_bias_starts_at_tag_log_odds():
 def test_gradients_reach_both_towers_the_head_and_the_scale(tiny_checkpoint):
     from training.train import HQCLIPModel, freeze_towers, load_bundle
 
-    bundle = load_bundle(f"local-dir:{tiny_checkpoint}")
+    bundle = load_bundle(str(tiny_checkpoint))
     head = TagHead(64, 4)
     model = HQCLIPModel(bundle.model, head)
     images = torch.randn(3, 3, 64, 64)

@@ -22,7 +22,7 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """Which open_clip model training starts from, and what it may change."""
 
-    name: str = Field("ViT-B-32", description="open_clip model name (or 'local-dir:...', or a training/models.py name).")
+    name: str = Field("ViT-B-32", description="open_clip model name or checkpoint folder (training/models.py).")
     pretrained: str | None = Field(None, description="open_clip pretrained tag or checkpoint path; None = random init.")
     freeze_image: bool = Field(False, description="Freeze the image tower (LiT): no gradients, kept in eval mode.")
     freeze_text: bool = Field(False, description="Freeze the text tower: no gradients, kept in eval mode.")

@@ -51,12 +51,17 @@ class ModelBundle:
 
 
 def load_bundle(name: str, pretrained: str | None = None) -> ModelBundle:
-    """Any open_clip model: a name (+ pretrained tag or weights file), or ``local-dir:`` checkpoint folder."""
+    """Any model ``training.models.load_model`` loads (an open_clip name + weights, a checkpoint folder)."""
     import open_clip
+    from open_clip.transform import PreprocessCfg, image_transform_v2
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    model, train_transform, val_transform = open_clip.create_model_and_transforms(name, pretrained=pretrained)
-    return ModelBundle(model, train_transform, val_transform, open_clip.get_tokenizer(name))
+    from training.models import load_model
+
+    loaded = load_model(name, pretrained)
+    preprocess = PreprocessCfg(**loaded.preprocess_cfg)
+    source = f"local-dir:{name}" if Path(name).is_dir() else name
+    return ModelBundle(loaded.model, image_transform_v2(preprocess, is_train=True),
+                       image_transform_v2(preprocess, is_train=False), open_clip.get_tokenizer(source))
 
 
 # Output projections stay trainable in a frozen tower (LiT): ViT `proj`, timm `head`, text projections.
