@@ -96,5 +96,22 @@ def join(
     typer.echo(json.dumps(join_annotations(shards, annotations, out, uid_field), sort_keys=True))
 
 
+demo_app = typer.Typer(no_args_is_help=True, help="The offline demo model (no downloads: Debian packages + wheels).")
+app.add_typer(demo_app, name="demo")
+
+
+@demo_app.command("build", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def demo_build(
+    out: Path = typer.Option(Path("model_repo"), help="The model repository to export `demo` into."),
+    work: Path = typer.Option(Path("build/demo"), help="Data, tower features (resumable steps)."),
+    retrain: bool = typer.Option(False, help="Train the heads again instead of using training/demo_weights/."),
+    overrides: list[str] = typer.Argument(None, help="Training overrides (with --retrain), e.g. optim.steps=500"),
+) -> None:
+    """Build the demo model: data -> tower features -> train heads (HQ-CLIP objective) -> export."""
+    from training.demo import build
+
+    typer.echo(build(out=out, work=work, retrain=retrain, overrides=overrides or []))
+
+
 if __name__ == "__main__":
     app()
