@@ -16,6 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT_S = 120
+TAG_VOCABULARY = ("cat", "astronaut", "coffee", "rocket", "sky", "grass", "red", "metal")
 
 
 def free_port() -> int:
@@ -68,14 +69,58 @@ class Gateway:
 
 
 @pytest.fixture(scope="session")
-def tiny_repo(tmp_path_factory) -> Path:
-    """A tiny random-weight open_clip model, exported by `hqclip export` into a fresh model repository."""
-    from training.export import export_checkpoint
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny open_clip checkpoint folder (released-checkpoint layout) with seeded random weights saved in it,
+    so every load of it — the export's and the tests' torch reference — has the same weights."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
     from training.tiny import write_tiny_checkpoint
 
-    checkpoint = write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-checkpoint"))
+    folder = write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-checkpoint"))
+    torch.manual_seed(0)
+    model = open_clip.create_model(f"local-dir:{folder}")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_checkpoint):
+    """(model, preprocess, tokenizer) straight from open_clip: the reference the services must match."""
+    import open_clip
+
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tiny_checkpoint}")
+    return model.eval(), preprocess, open_clip.get_tokenizer(f"local-dir:{tiny_checkpoint}")
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tmp_path_factory, tiny_checkpoint) -> Path:
+    """The tiny checkpoint, exported by `hqclip export` into a fresh model repository as model 'tiny'."""
+    from training.export import export_checkpoint
+
     repo = tmp_path_factory.mktemp("model-repo")
-    export_checkpoint(str(checkpoint), out=repo, name="tiny")
+    export_checkpoint(str(tiny_checkpoint), out=repo, name="tiny")
+    return repo
+
+
+@pytest.fixture(scope="session")
+def tagged_repo(tmp_path_factory, tiny_checkpoint) -> Path:
+    """The tiny checkpoint with a seeded random short-tag head over ``TAG_VOCABULARY``, exported as model 'tagged'
+    (the client tests and the web page need /v1/tags to answer)."""
+    import torch
+
+    from training.export import export_model
+    from training.models import load_model
+    from training.tag_head import TagHead
+    from training.tiny import TINY_EMBED_DIM
+
+    loaded = load_model(str(tiny_checkpoint))
+    torch.manual_seed(0)
+    head = TagHead(TINY_EMBED_DIM, len(TAG_VOCABULARY))
+    repo = tmp_path_factory.mktemp("tagged-repo")
+    export_model(loaded.model, loaded.preprocess_cfg, loaded.tokenizer, repo, "tagged", loaded.weights, head,
+                 list(TAG_VOCABULARY), architecture=loaded.architecture)
     return repo
 
 

@@ -1,0 +1,69 @@
+"""What an operator relies on: models, health, readiness, metrics, API keys, a bounded queue."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_models_describes_the_manifest(gateway, tiny_repo):
+    from services.manifest import load_manifest
+
+    manifest = load_manifest(tiny_repo)
+    card = httpx.get(f"{gateway.url}/v1/models").json()["data"][0]
+    assert card["id"] == "tiny" and card["embed_dim"] == manifest.embed_dim
+    assert card["weights"].endswith("open_clip_model.safetensors") and card["precision"] == "fp32"
+    assert card["logit_scale"] == pytest.approx(manifest.logit_scale)
+
+
+def test_health_ready_and_metrics(gateway):
+    assert httpx.get(f"{gateway.url}/health").json() == {"status": "ok"}
+    ready = httpx.get(f"{gateway.url}/ready")
+    assert ready.status_code == 200 and ready.json()["model"] is True
+    httpx.post(f"{gateway.url}/v1/embeddings", json={"model": "tiny", "input": ["a", "b", "c"]})
+    text = httpx.get(f"{gateway.url}/metrics").text
+    assert re.search(r'hqclip_requests_total\{route="/v1/embeddings",status="200"\} [1-9]', text)
+    assert "hqclip_batch_size_bucket" in text and "hqclip_queue_depth" in text
+    assert 'hqclip_request_seconds_count{route="/v1/embeddings"}' in text
+
+
+def test_api_keys(gateway_factory):
+    secured = gateway_factory(HQCLIP_API_KEYS="key-one, key-two")
+    body = {"model": "tiny", "input": ["hello"]}
+    missing = httpx.post(f"{secured.url}/v1/embeddings", json=body)
+    assert missing.status_code == 401 and missing.json()["error"]["type"] == "authentication_error"
+    wrong = httpx.post(f"{secured.url}/v1/embeddings", json=body, headers={"Authorization": "Bearer key-three"})
+    assert wrong.status_code == 401
+    for key in ("key-one", "key-two"):
+        ok = httpx.post(f"{secured.url}/v1/embeddings", json=body, headers={"Authorization": f"Bearer {key}"})
+        assert ok.status_code == 200
+    assert httpx.get(f"{secured.url}/v1/models").status_code == 401
+    assert httpx.get(f"{secured.url}/health").status_code == 200
+    assert httpx.get(f"{secured.url}/ready").status_code == 200
+
+
+async def _queue_depth(client: httpx.AsyncClient) -> float:
+    text = (await client.get("/metrics")).text
+    values = re.findall(r'hqclip_queue_depth\{model="tiny_text"\} ([0-9.]+)', text)
+    return float(values[0]) if values else 0.0
+
+
+async def test_full_queue_is_429_with_retry_after(gateway_factory):
+    # the batcher holds a first request for up to 3 s waiting for company; meanwhile the queue (4 items) is full
+    slow = gateway_factory(HQCLIP_BATCH__QUEUE_SIZE="4", HQCLIP_BATCH__MAX_DELAY_MS="3000",
+                           HQCLIP_BATCH__MAX_SIZE="64")
+    async with httpx.AsyncClient(base_url=slow.url, timeout=60) as client:
+        first = asyncio.create_task(client.post("/v1/embeddings", json={"model": "tiny", "input": ["a", "b", "c"]}))
+        while await _queue_depth(client) < 3:  # wait until the first request is queued (seen through /metrics)
+            assert not first.done(), (await first).text
+        refused = await client.post("/v1/embeddings", json={"model": "tiny", "input": ["d", "e"]})
+        assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
+        assert refused.json()["error"]["type"] == "rate_limit_error"
+        assert (await first).status_code == 200
+        after = await client.post("/v1/embeddings", json={"model": "tiny", "input": ["d", "e"]})
+        assert after.status_code == 200
