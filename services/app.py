@@ -19,7 +19,7 @@ from services.engine import Engine
 from services.errors import error_body, install_error_handlers
 from services.index.manager import CollectionManager
 from services.metrics import Metrics
-from services.routes import classify, collections, embeddings, system
+from services.routes import classify, collections, embeddings, page, system
 from services.settings import Settings
 
 OPEN_PATHS = frozenset({"/health", "/ready"})
@@ -48,13 +48,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for module in (embeddings, classify, collections, system):
         app.include_router(module.router)
+    page.mount(app)
 
     keys = [key.encode() for key in settings.api_keys]
 
     @app.middleware("http")
     async def authenticate_and_measure(request: Request, call_next):
         started = time.perf_counter()
-        if keys and request.url.path not in OPEN_PATHS:
+        if keys and request.url.path not in OPEN_PATHS and not page.is_public(request.url.path):
             given = request.headers.get("authorization", "").removeprefix("Bearer ").strip().encode()
             # compare against every key, in constant time, so timing reveals neither key nor position
             if not any([hmac.compare_digest(given, key) for key in keys]):
