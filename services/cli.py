@@ -43,11 +43,25 @@ def export(
     out: Path = typer.Option(Path("model_repo"), help="The Triton model repository to write into."),
     max_batch_size: int = typer.Option(32, min=1, help="Largest batch the towers take (Triton max_batch_size)."),
     opset: int = typer.Option(17, min=14, help="ONNX opset."),
+    triton_device: str = typer.Option("auto", help="Where Triton runs each model: auto (GPUs when it sees any), "
+                                      "gpu or cpu (config.pbtxt instance_group)."),
+    triton_instances: int = typer.Option(1, min=1, help="Model instances per GPU (or on the CPU)."),
+    preferred_batch_sizes: str = typer.Option("", help="Triton dynamic batcher's preferred sizes, e.g. '16,32' "
+                                              "(default: half the max batch size, and the max)."),
+    max_queue_delay_us: int = typer.Option(500, min=0, help="How long Triton waits to fill a preferred batch."),
+    tensorrt: str = typer.Option("none", help="none; accelerator (ONNX Runtime's TensorRT provider in Triton); "
+                                 "plan (TensorRT engines built by trtexec: docker compose --profile tensorrt)."),
+    tensorrt_precision: str = typer.Option("fp16", help="TensorRT precision: fp16 or fp32."),
 ) -> None:
     """Export an open_clip model to the model repository: ONNX towers, config.pbtxt, tokenizer, manifest."""
     from training.export import export_checkpoint
+    from training.triton_config import TritonOptions
 
-    export_checkpoint(model, pretrained, out=out, name=name, max_batch_size=max_batch_size, opset=opset)
+    triton = TritonOptions(device=triton_device, instances=triton_instances, max_queue_delay_us=max_queue_delay_us,
+                           preferred_batch_sizes=tuple(int(s) for s in preferred_batch_sizes.split(",") if s.strip()),
+                           tensorrt=tensorrt, tensorrt_precision=tensorrt_precision)
+    export_checkpoint(model, pretrained, out=out, name=name, max_batch_size=max_batch_size, opset=opset,
+                      triton=triton)
 
 
 @app.command()

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from services.settings import Settings
+from training.triton_config import PLAN_SCRIPT
 
 DOCKER = Path(__file__).resolve().parents[1] / "docker"
 GPU_SERVICES = {"triton", "vllm", "trt-build"}  # the gateway is the slim, torch-free image: CPU only
@@ -105,6 +106,7 @@ def test_triton_vllm_and_gateway_are_wired_together(compose):
 
     build = compose["services"]["trt-build"]
     assert build["profiles"] == ["tensorrt"]
+    assert f"/models/*/{PLAN_SCRIPT}" in build["command"][-1]  # the scripts `hqclip export --tensorrt plan` writes
     assert build["image"].split(":")[1] == triton["image"].split(":")[1]  # plans load only in the same TensorRT
     assert triton["depends_on"]["trt-build"] == {"condition": "service_completed_successfully", "required": False}
 

@@ -8,33 +8,22 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
 
 from tests.photos import b64, jpeg
 from tests.servers.triton import TritonServer, triton_factory  # noqa: F401 (a fixture)
-from training.tiny import TINY_EMBED_DIM
+from tests.test_triton_config import TAGS, export_tagged
 
 pytestmark = pytest.mark.slow
 
 TEXTS = ["a photo of a cat", "an astronaut in a white suit", "café & crème brûlée 🍰", ""]
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket"]
-TAGS = ["cat", "dog", "astronaut", "coffee", "rocket", "snow", "night", "red"]
 RECOVERY_TIMEOUT_S = 60
 
 
 @pytest.fixture(scope="module")
 def tagged_repo(tmp_path_factory, tiny_checkpoint) -> Path:
     """The tiny checkpoint exported with a random short-tag head, so /v1/tags is compared too."""
-    from training.export import export_model
-    from training.models import load_model
-    from training.tag_head import TagHead
-
-    loaded = load_model(str(tiny_checkpoint))
-    torch.manual_seed(0)
-    head = TagHead(TINY_EMBED_DIM, len(TAGS))
-    repo = tmp_path_factory.mktemp("tagged-repo")
-    export_model(loaded.model, loaded.preprocess_cfg, loaded.tokenizer, repo, "tiny", loaded.weights, head, TAGS)
-    return repo
+    return export_tagged(tiny_checkpoint, tmp_path_factory.mktemp("tagged-repo"))
 
 
 @pytest.fixture(scope="module")

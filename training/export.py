@@ -31,7 +31,7 @@ from services.tokenizer import load_tokenizer
 from training.models import TokenizerInfo, load_model, logit_scale_and_bias
 from training.onnx_towers import (EMBEDDINGS_OUTPUT, IMAGE_INPUT, TAGS_INPUT, TAGS_OUTPUT, TEXT_INPUT, ImageTower,
                                   TagTower, TextTower)
-from training.triton_config import Tensor, write_triton_config
+from training.triton_config import Tensor, TritonOptions, write_triton_config
 
 DEFAULT_OPSET = 17
 CHECK_BATCHES = (1, 7, 32)
@@ -140,6 +140,7 @@ def export_model(
     description: str = "",
     max_batch_size: int = 32,
     opset: int = DEFAULT_OPSET,
+    triton: TritonOptions = TritonOptions(),
 ) -> Path:
     """Export an in-memory open_clip model (and optional tag head) into the repository ``out``.
 
@@ -185,9 +186,9 @@ def export_model(
             embed_dim = int(image_tower(torch.from_numpy(pixels[batches[0]])).shape[-1])
         embedding = Tensor(EMBEDDINGS_OUTPUT, np.float32, (embed_dim,))
         write_triton_config(image_dir, image_spec.model, [Tensor(IMAGE_INPUT, np.uint8, (3, height, width))],
-                            [embedding], max_batch_size)
+                            [embedding], max_batch_size, triton)
         write_triton_config(text_dir, f"{name}_text", [Tensor(TEXT_INPUT, np.int64, (tokenizer_spec.context_length,))],
-                            [embedding], max_batch_size)
+                            [embedding], max_batch_size, triton)
 
         tags = None
         if tag_head is not None:
@@ -199,7 +200,7 @@ def export_model(
                          TAGS_INPUT, TAGS_OUTPUT, opset)
             _check_parity(tag_tower, tags_dir / "1" / "model.onnx", embeddings, "tag head")
             write_triton_config(tags_dir, f"{name}_tags", [Tensor(TAGS_INPUT, np.float32, (embed_dim,))],
-                                [Tensor(TAGS_OUTPUT, np.float32, (len(tag_vocab),))], max_batch_size)
+                                [Tensor(TAGS_OUTPUT, np.float32, (len(tag_vocab),))], max_batch_size, triton)
             tags = TagSpec(model=f"{name}_tags", input=TAGS_INPUT, output=TAGS_OUTPUT, vocabulary=list(tag_vocab))
 
         logit_scale, logit_bias = logit_scale_and_bias(model)
@@ -224,8 +225,10 @@ def export_model(
 
 
 def export_checkpoint(model: str, pretrained: str | None = None, *, out: Path, name: str | None = None,
-                      max_batch_size: int = 32, opset: int = DEFAULT_OPSET) -> Path:
+                      max_batch_size: int = 32, opset: int = DEFAULT_OPSET,
+                      triton: TritonOptions = TritonOptions()) -> Path:
     """Load ``model`` (an open_clip name, a checkpoint folder or ``hf-hub:`` id) and export it; the manifest path."""
     loaded = load_model(model, pretrained)
     return export_model(loaded.model, loaded.preprocess_cfg, loaded.tokenizer, out, name or default_name(model),
-                        loaded.weights, architecture=loaded.architecture, max_batch_size=max_batch_size, opset=opset)
+                        loaded.weights, architecture=loaded.architecture, max_batch_size=max_batch_size, opset=opset,
+                        triton=triton)
