@@ -193,12 +193,10 @@ async def delete_collection(collection: str, request: Request) -> dict:
 async def _refine(request: Request, images: dict[int, bytes], items: list[Item], wanted: bool | None) -> None:
     """Add the LVLM's tags and descriptions of each image to its item's metadata."""
     refiner = getattr(request.app.state, "refiner", None)
-    if wanted is False or not images:
-        return
-    if refiner is None:
-        if wanted:
-            raise ApiError(400, "refine=true needs an LVLM: set HQCLIP_REFINE__URLS (see docs/refinement.md)",
-                           param="refine")
+    if wanted and refiner is None:
+        raise ApiError(400, "refine=true needs an LVLM: set HQCLIP_REFINE__URLS (see docs/refinement.md)",
+                       param="refine")
+    if wanted is False or refiner is None or not images:
         return
     from services.refine.client import RefineFailed, RefineRejected, RefinerUnavailable
 
