@@ -65,6 +65,33 @@ class IndexSettings(IndexParams):
     gpu: bool = Field(True, description="Run indexes on a GPU when FAISS sees one (a faiss-gpu build).")
 
 
+class RefineSettings(BaseModel):
+    """The LVLM that writes refinements (services/refine/): any OpenAI-compatible chat server, vLLM in production."""
+
+    urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Server base URLs (http://HOST:8000/v1), comma-separated; round-robin with failover. "
+        "Empty: /v1/refine answers 503.",
+    )
+    model: str | None = Field(None, description="The model the servers serve; default: the first one they list.")
+    prompt: str | None = Field(
+        None, description="Instruction replacing the default (docs/refinement.md); '{alt_text}' marks the alt text."
+    )
+    api_key: str | None = Field(None, description="Bearer key of the servers (vllm serve --api-key).")
+    timeout_s: float = Field(120.0, gt=0, description="Per-request timeout.")
+    retries: int = Field(2, ge=0, description="Retries after a 5xx, a timeout or an unusable answer, with backoff.")
+    concurrency: int = Field(8, ge=1, description="Requests in flight at once, over all servers.")
+    max_tokens: int = Field(1024, ge=16, description="Most tokens one answer may take.")
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature; 0 = greedy.")
+
+    @field_validator("urls", mode="before")
+    @classmethod
+    def _split_urls(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [u.strip() for u in value.split(",") if u.strip()]
+        return value
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HQCLIP_", env_nested_delimiter="__", extra="ignore")
 
@@ -83,6 +110,7 @@ class Settings(BaseSettings):
     limits: LimitSettings = LimitSettings()
     triton: TritonSettings = TritonSettings()
     index: IndexSettings = IndexSettings()
+    refine: RefineSettings = RefineSettings()
 
     @field_validator("api_keys", mode="before")
     @classmethod
