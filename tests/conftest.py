@@ -150,6 +150,13 @@ def gateway_factory(tmp_path_factory, tiny_repo):
 
 
 @pytest.fixture(scope="session")
+def client_gateway(gateway_factory, tagged_repo, tmp_path_factory) -> Gateway:
+    """A gateway on the tagged model with API keys and its own collections folder (SDK, CLI and web page tests)."""
+    return gateway_factory(HQCLIP_MODEL_REPO=str(tagged_repo), HQCLIP_API_KEYS="client-key-1,client-key-2",
+                           HQCLIP_INDEX__DIR=str(tmp_path_factory.mktemp("client-collections")))
+
+
+@pytest.fixture(scope="session")
 def gateway(gateway_factory) -> Gateway:
     """The default gateway on the tiny repository."""
     return gateway_factory()
