@@ -35,8 +35,9 @@ def serve(
 
 @app.command()
 def export(
-    model: str = typer.Argument(..., help="open_clip model name (ViT-B-16), a checkpoint folder "
-                                "(open_clip_config.json + open_clip_model.safetensors) or hf-hub:org/repo."),
+    model: str = typer.Argument(None, help="open_clip model name (ViT-B-16), a checkpoint folder "
+                                "(open_clip_config.json + open_clip_model.safetensors) or hf-hub:org/repo. "
+                                "Leave it out to add --precision variants to a model already in --out."),
     pretrained: str = typer.Option(None, "--pretrained", help="Weights for a model name: a checkpoint file "
                                    "or an open_clip tag. Without any, the weights are random."),
     name: str = typer.Option(None, help="Model name in the repository (default: derived from MODEL)."),
@@ -52,16 +53,33 @@ def export(
     tensorrt: str = typer.Option("none", help="none; accelerator (ONNX Runtime's TensorRT provider in Triton); "
                                  "plan (TensorRT engines built by trtexec: docker compose --profile tensorrt)."),
     tensorrt_precision: str = typer.Option("fp16", help="TensorRT precision: fp16 or fp32."),
+    precision: list[str] = typer.Option(None, help="fp32 (always, with MODEL), bf16, int8; repeatable. Variants are "
+                                        "built from the fp32 towers and kept only at parity (docs/precision.md)."),
+    eval_data: Path = typer.Option(Path("build/demo/data"), help="Parity photos and texts for --precision: the "
+                                   "demo's held-out shards; where missing, an offline set (docs/precision.md)."),
 ) -> None:
     """Export an open_clip model to the model repository: ONNX towers, config.pbtxt, tokenizer, manifest."""
     from training.export import export_checkpoint
+    from training.precision import GateFailed, export_precision, requested_variants
     from training.triton_config import TritonOptions
 
-    triton = TritonOptions(device=triton_device, instances=triton_instances, max_queue_delay_us=max_queue_delay_us,
-                           preferred_batch_sizes=tuple(int(s) for s in preferred_batch_sizes.split(",") if s.strip()),
-                           tensorrt=tensorrt, tensorrt_precision=tensorrt_precision)
-    export_checkpoint(model, pretrained, out=out, name=name, max_batch_size=max_batch_size, opset=opset,
-                      triton=triton)
+    try:
+        variants = requested_variants(precision or [], with_model=bool(model))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--precision") from None
+    if model:
+        triton = TritonOptions(
+            device=triton_device, instances=triton_instances, max_queue_delay_us=max_queue_delay_us,
+            preferred_batch_sizes=tuple(int(s) for s in preferred_batch_sizes.split(",") if s.strip()),
+            tensorrt=tensorrt, tensorrt_precision=tensorrt_precision)
+        name = export_checkpoint(model, pretrained, out=out, name=name, max_batch_size=max_batch_size, opset=opset,
+                                 triton=triton).name.removesuffix(".manifest.json")
+    for variant in variants:
+        try:
+            export_precision(out, variant, name=name, data=eval_data)
+        except GateFailed as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
 
 
 @app.command()
@@ -73,6 +91,39 @@ def train(
     from training.train import main as train_main
 
     train_main((["--config", str(config)] if config else []) + list(overrides or []))
+
+
+@app.command()
+def refine(
+    sources: list[Path] = typer.Argument(..., help="Webdataset .tar shards or folders of them (img2dataset output), "
+                                         "or one folder of images."),
+    out: Path = typer.Option(..., help="Folder for the refined shards, failures.jsonl and the resume state."),
+    url: list[str] = typer.Option(None, help="LVLM server (http://HOST:8000/v1); repeatable. "
+                                  "Default: HQCLIP_REFINE__URLS."),
+    concurrency: int = typer.Option(None, min=1, help="Requests in flight (default HQCLIP_REFINE__CONCURRENCY)."),
+    captions: Path = typer.Option(None, help="With a folder of images: a CSV with the image path and alt text."),
+    image_column: str = typer.Option("image", help="The CSV's image path column (relative to the folder)."),
+    caption_column: str = typer.Option("caption", help="The CSV's alt text column."),
+    shard_size: int = typer.Option(10_000, min=1, help="Samples per output shard, with a folder of images."),
+    worker_index: int = typer.Option(0, min=0, help="This machine's part of the shards (see --worker-count)."),
+    worker_count: int = typer.Option(1, min=1, help="Machines splitting the shards, each with its own LVLM."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Refine images + alt texts with an LVLM into training shards (desc, neg_desc, tags, neg_tags); resumable."""
+    from services.refine.job import refine_dataset, summary_text
+    from services.settings import Settings
+
+    settings = Settings().refine
+    settings.urls = url or settings.urls
+    settings.concurrency = concurrency or settings.concurrency
+    try:
+        summary = refine_dataset(sources, out, settings, captions=captions, shard_size=shard_size,
+                                 image_column=image_column, caption_column=caption_column,
+                                 worker_index=worker_index, worker_count=worker_count, progress=progress)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    typer.echo(summary_text(summary, out))
+    raise typer.Exit(0 if summary.complete else 1)
 
 
 @app.command("eval")
