@@ -1,0 +1,155 @@
+"""Kill -9 the real gateway while clients upsert, replace and delete items in two collections at once; restart it
+on the same folder. Every acknowledged write must be there: each live item found by its latest vector, none twice,
+none that was deleted. Writes in flight at the kill may land either way, but only whole."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+
+import httpx
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+WRITERS = 4
+KINDS = ("flat", "hnsw")
+ACKED_BEFORE_KILL = 600  # acknowledged writes (items) across writers before the kill
+
+
+@dataclass
+class Ledger:
+    """What one writer was told: per id, the vector of its last acknowledged upsert, or None once deleted."""
+
+    state: dict[str, np.ndarray | None] = field(default_factory=dict)
+    uncertain: dict[str, list[np.ndarray | None]] = field(default_factory=dict)  # id -> outcomes allowed
+
+
+class Writers:
+    def __init__(self, url: str, collection: str, dim: int) -> None:
+        self.url, self.collection, self.dim = url, collection, dim
+        self.ledgers = [Ledger() for _ in range(WRITERS)]
+        self.acked = 0
+        self.progress = threading.Condition()
+        self.threads = [threading.Thread(target=self._write, args=(w,), daemon=True) for w in range(WRITERS)]
+
+    def start(self) -> None:
+        for thread in self.threads:
+            thread.start()
+
+    def join(self) -> None:
+        for thread in self.threads:
+            thread.join(timeout=60)
+
+    def wait_for(self, acked: int) -> None:
+        with self.progress:
+            assert self.progress.wait_for(lambda: self.acked >= acked, timeout=300), "ingestion too slow"
+
+    def _write(self, writer: int) -> None:
+        rng = np.random.default_rng(writer)
+        ledger = self.ledgers[writer]
+        client = httpx.Client(base_url=self.url, timeout=60)
+        n = 0
+        while True:
+            live = [i for i, v in ledger.state.items() if v is not None]
+            if n % 5 == 4 and len(live) > 10:  # delete a few
+                ids = [str(i) for i in rng.choice(live, size=3, replace=False)]
+                request = ("DELETE", {"ids": ids})
+                outcome = {i: None for i in ids}
+            else:  # upsert new ids, and replace an old one with a new vector
+                ids = [f"w{writer}-{n}-{j}" for j in range(8)]
+                if live:
+                    ids.append(str(rng.choice(live)))
+                vectors = rng.normal(size=(len(ids), self.dim)).astype(np.float32)
+                items = [{"id": i, "vector": v.tolist(), "attributes": {"writer": writer}} for i, v in zip(ids, vectors)]
+                request = ("POST", {"items": items})
+                outcome = dict(zip(ids, vectors))
+            method, body = request
+            try:
+                response = client.request(method, f"/v1/collections/{self.collection}/items", json=body)
+            except httpx.TransportError:  # the server died with this write in flight
+                for i, new in outcome.items():
+                    ledger.uncertain[i] = [ledger.state.get(i), new]
+                client.close()
+                return
+            assert response.status_code == 200, response.text
+            ledger.state.update(outcome)
+            n += 1
+            with self.progress:
+                self.acked += len(outcome)
+                self.progress.notify_all()
+
+
+def wait_for_snapshots(folder, names) -> None:
+    """Poll until each collection has a snapshot on disk (so the restart loads one and replays after it)."""
+    deadline = time.monotonic() + 120
+    while not all(list((folder / name).glob("snapshot-*.faiss")) for name in names):
+        assert time.monotonic() < deadline, "no snapshot written"
+        time.sleep(0.05)
+
+
+def all_items(client: httpx.Client, collection: str, dim: int) -> list[str]:
+    """Every stored id, by paging through a search that ranks the whole collection."""
+    query = np.ones(dim).tolist()
+    found, offset = [], 0
+    while True:
+        body = {"vector": query, "top_k": 1000, "offset": offset}
+        page = client.post(f"/v1/collections/{collection}/search", json=body).json()["results"]
+        found += [hit["id"] for hit in page]
+        if len(page) < 1000:
+            return found
+        offset += 1000
+
+
+def test_kill_minus_nine_during_ingestion_loses_and_duplicates_nothing(gateway_factory, tmp_path):
+    folder = tmp_path / "collections"
+    gateway = gateway_factory(HQCLIP_INDEX__DIR=str(folder), HQCLIP_INDEX__SNAPSHOT_INTERVAL_S="0.3")
+    client = httpx.Client(base_url=gateway.url, timeout=60)
+    dim = client.get("/v1/models").json()["data"][0]["embed_dim"]
+    writers = {}
+    for kind in KINDS:
+        assert client.post("/v1/collections", json={"name": kind, "index": {"kind": kind}}).status_code == 201
+        writers[kind] = Writers(gateway.url, kind, dim)
+    for w in writers.values():
+        w.start()
+    for w in writers.values():
+        w.wait_for(ACKED_BEFORE_KILL // 2)
+    wait_for_snapshots(folder, KINDS)
+    for w in writers.values():
+        w.wait_for(ACKED_BEFORE_KILL)  # more writes after the first snapshot: these come back from the WAL
+    gateway.kill()
+    for w in writers.values():
+        w.join()
+    for kind in KINDS:
+        with sqlite3.connect(folder / kind / "meta.sqlite") as db:
+            assert db.execute("SELECT count(*) FROM wal").fetchone()[0] > 0, "nothing left to replay"
+
+    restarted = gateway_factory(HQCLIP_INDEX__DIR=str(folder))
+    client = httpx.Client(base_url=restarted.url, timeout=60)
+    for kind, w in writers.items():
+        certain = {i: v for ledger in w.ledgers for i, v in ledger.state.items() if i not in ledger.uncertain}
+        uncertain = {i: options for ledger in w.ledgers for i, options in ledger.uncertain.items()}
+        stored = all_items(client, kind, dim)
+        assert len(stored) == len(set(stored)), f"{kind}: an item is stored twice"
+        live = {i for i, v in certain.items() if v is not None}
+        deleted = {i for i, v in certain.items() if v is None}
+        assert live <= set(stored), f"{kind}: acknowledged items lost: {sorted(live - set(stored))[:5]}"
+        assert not deleted & set(stored), f"{kind}: deleted items came back: {sorted(deleted & set(stored))[:5]}"
+        assert set(stored) <= live | set(uncertain), f"{kind}: items nobody wrote"
+        assert client.get(f"/v1/collections/{kind}").json()["count"] == len(stored)
+        for item_id, vector in list(certain.items())[::7]:  # the latest acknowledged vector of a sample of ids
+            if vector is None:
+                continue
+            hit = client.post(f"/v1/collections/{kind}/search", json={"vector": vector.tolist(), "top_k": 1})
+            top = hit.json()["results"][0]
+            assert top["id"] == item_id and top["score"] == pytest.approx(1.0, abs=1e-4), (kind, item_id, top)
+        for item_id, options in uncertain.items():  # a write in flight landed whole or not at all
+            if item_id not in stored:
+                assert any(o is None for o in options), (kind, item_id, "in-flight write lost a stored item")
+                continue
+            tops = [client.post(f"/v1/collections/{kind}/search", json={"vector": o.tolist(), "top_k": 1})
+                    .json()["results"][0] for o in options if o is not None]
+            assert any(t["id"] == item_id and t["score"] == pytest.approx(1.0, abs=1e-4) for t in tops), item_id
