@@ -19,7 +19,8 @@ from services.engine import Engine
 from services.errors import error_body, install_error_handlers
 from services.index.manager import CollectionManager
 from services.metrics import Metrics
-from services.routes import classify, collections, embeddings, page, system
+from services.refine.client import RefineClient
+from services.routes import classify, collections, embeddings, page, refine, system
 from services.settings import Settings
 
 OPEN_PATHS = frozenset({"/health", "/ready"})
@@ -30,6 +31,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics = Metrics()
     engine = Engine(settings, metrics)
     index = CollectionManager(settings.index, engine.manifest.name, engine.manifest.embed_dim)
+    refiner = RefineClient.from_settings(settings.refine) if settings.refine.urls else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -40,13 +42,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await run_in_threadpool(index.close)  # final snapshots
             await engine.close()
+            if refiner is not None:
+                await refiner.aclose()
 
     app = FastAPI(title="HQ-CLIP gateway", version="0.1.0", lifespan=lifespan)
     app.state.settings, app.state.metrics, app.state.engine = settings, metrics, engine
     app.state.readiness = {}
     app.state.collections = index
+    app.state.refiner = refiner
+    if refiner is not None:
+        app.state.readiness["lvlm"] = refiner.ready
     install_error_handlers(app)
-    for module in (embeddings, classify, collections, system):
+    for module in (embeddings, classify, collections, refine, system):
         app.include_router(module.router)
     page.mount(app)
 

@@ -116,3 +116,30 @@ class ImageTags(BaseModel):
 class TagsResponse(BaseModel):
     data: list[ImageTags]
     model: str
+
+
+# --- /v1/refine ---
+class RefineInput(BaseModel):
+    image: str = Field(description="base64 or a data URI (JPEG, PNG, WebP, GIF or BMP).")
+    alt_text: str | None = Field(None, description="The image's alt text: a reference for the LVLM, may be noisy.")
+
+
+class RefineRequest(BaseModel):
+    input: RefineInput | list[RefineInput] = Field(description="One image, or a batch.")
+
+
+class RefinementData(BaseModel):
+    object: Literal["refinement"] = "refinement"
+    index: int
+    desc: list[str] = Field(description="Clauses describing the image.")
+    neg_desc: list[str] = Field(description="The same clauses made subtly wrong (hard negatives).")
+    tags: list[str] = Field(description="Short tags.")
+    neg_tags: list[str] = Field(description="For each tag, a similar tag that does not fit (aligned with tags).")
+    latency_ms: float
+
+
+class RefineResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[RefinementData]
+    model: str = Field(description="The LVLM that wrote the refinements.")
+    latency_ms: float = Field(description="Time the whole request took in the gateway.")
