@@ -1,0 +1,131 @@
+"""Real vLLM servers for the refinement tests: `vllm serve` on the tiny LLaVA (tests/servers/build_tiny_vlm.py).
+
+Registered as a pytest plugin from tests/conftest.py. The venv and the model come from
+``bash tests/servers/setup_vllm.sh`` (idempotent; the fixtures run it when either is missing).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+VLLM = ROOT / "build" / "venvs" / "vllm" / "bin" / "vllm"
+MODEL = ROOT / "build" / "tiny-vlm"
+MODEL_NAME = "tiny-vlm"
+STARTUP_TIMEOUT_S = 600  # about 30-60 s alone; two at once on 2 busy cores take longer
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ensure_setup() -> None:
+    if not VLLM.exists() or not (MODEL / "hqclip-tiny-vlm.json").exists():
+        subprocess.run(["bash", str(ROOT / "tests" / "servers" / "setup_vllm.sh")], check=True)
+
+
+class VllmServer:
+    """One `vllm serve` process group (API server, engine core, worker) on a free port of 127.0.0.1."""
+
+    def __init__(self, log: Path) -> None:
+        self.port = _free_port()
+        self.log = log
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        env = {
+            **os.environ,
+            "VLLM_CPU_KVCACHE_SPACE": "1",
+            "VLLM_CACHE_ROOT": str(ROOT / "build" / "vllm-cache"),
+            "HF_HUB_OFFLINE": "1",
+            "VLLM_NO_USAGE_STATS": "1",
+            "DO_NOT_TRACK": "1",
+        }
+        command = [
+            str(VLLM), "serve", str(MODEL), "--served-model-name", MODEL_NAME, "--runner", "generate",
+            "--host", "127.0.0.1", "--port", str(self.port), "--enforce-eager", "--dtype", "float32",
+            "--max-model-len", "2048", "--uvicorn-log-level", "warning",
+        ]
+        with open(log, "wb") as out:
+            self.process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+
+    def wait_ready(self) -> None:
+        """Poll /health until it answers (not a sleep): fail with the log when the server dies or hangs."""
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {self.process.returncode}:\n{self._log_tail()}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        self.kill()
+        raise RuntimeError(f"vllm serve not healthy after {STARTUP_TIMEOUT_S}s:\n{self._log_tail()}")
+
+    def _log_tail(self) -> str:
+        return self.log.read_bytes()[-6000:].decode("utf-8", errors="replace")
+
+    def requests_done(self) -> int:
+        """Chat completions this server finished, from its Prometheus metrics."""
+        text = httpx.get(f"http://127.0.0.1:{self.port}/metrics", timeout=10).text
+        return int(sum(float(v) for v in re.findall(r"^vllm:request_success_total\{[^}]*\} (\S+)$", text, re.M)))
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: a crash, no shutdown."""
+        self._signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if not self.alive:
+            self._signal(signal.SIGKILL)  # children the API server left behind, if any
+            return
+        self._signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self._signal(signal.SIGKILL)
+            self.process.wait(timeout=30)
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.process.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(scope="session")
+def vllm_servers(tmp_path_factory) -> list[VllmServer]:
+    """Two vLLM servers on the tiny LLaVA, started side by side (the failover test kills the second)."""
+    ensure_setup()
+    folder = tmp_path_factory.mktemp("vllm")
+    servers = [VllmServer(folder / f"vllm-{i}.log") for i in range(2)]
+    try:
+        for server in servers:
+            server.wait_ready()
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def vllm_server(vllm_servers) -> VllmServer:
+    """The vLLM server every refinement test may use (never killed)."""
+    return vllm_servers[0]
