@@ -105,3 +105,8 @@ def test_image_types_are_told_by_their_bytes(fmt, mime):
 def test_bytes_that_are_no_image_are_refused():
     with pytest.raises(ValueError, match="not a JPEG"):
         prompt.image_mime(b"%PDF-1.7 not an image")
+
+
+def test_control_characters_inside_strings_are_read_and_removed():
+    result = parse('{"desc": ["a cat\x01on a\tsofa"], "neg_desc": ["a dog"], "tags": ["cat\x7f"], "neg_tags": ["dog"]}')
+    assert (result.desc, result.tags) == (["a cat on a sofa"], ["cat"])

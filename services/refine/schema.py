@@ -61,11 +61,12 @@ class InvalidRefinement(ValueError):
 
 
 _QUOTES = "\"'`“”‘’«»"
-_SPACE = re.compile(r"\s+")
+_SPACE = re.compile(r"[\s\x00-\x1f\x7f]+")  # whitespace and control characters
 
 
 def clean(text: str, max_chars: int) -> str:
-    """One line, trimmed, without wrapping quotes, cut at a word boundary to at most ``max_chars``."""
+    """One line without control characters, trimmed, without wrapping quotes, cut at a word boundary to at most
+    ``max_chars``."""
     text = _SPACE.sub(" ", text).strip().strip(_QUOTES).strip()
     if len(text) > max_chars:
         cut = text[:max_chars]
@@ -122,7 +123,7 @@ def parse(text: str) -> Refinement:
     if body.startswith("```"):
         body = body.strip("`").removeprefix("json").strip()
     try:
-        raw = json.loads(body)
+        raw = json.loads(body, strict=False)  # control characters inside strings: clean() removes them
     except json.JSONDecodeError as exc:
         raise InvalidRefinement(f"the answer is not JSON ({exc.msg} at char {exc.pos})") from None
     if not isinstance(raw, dict):
