@@ -178,5 +178,31 @@ def demo_build(
     typer.echo(build(out=out, work=work, retrain=retrain, overrides=overrides or []))
 
 
+
+index_app = typer.Typer(no_args_is_help=True, help="Retrieval collections (docs/retrieval.md).")
+app.add_typer(index_app, name="index")
+
+
+@index_app.command("build")
+def index_build(
+    source: Path = typer.Argument(..., help="A folder of images (recursive) or of webdataset .tar shards, or a .tar."),
+    name: str = typer.Argument(..., help="The collection, created under HQCLIP_INDEX__DIR (a rerun resumes it)."),
+    kind: str = typer.Option("auto", help="flat, hnsw, ivfpq, or auto: ivfpq from 100,000 images up, else flat."),
+    batch_size: int = typer.Option(64, min=1, help="Images embedded and stored per step."),
+    snapshot_every: int = typer.Option(20_000, min=1, help="Items between snapshots."),
+) -> None:
+    """Embed images through the model repository (HQCLIP_MODEL_REPO) into a collection the gateway loads at start.
+    Stop the gateway serving HQCLIP_INDEX__DIR first, or build into another folder."""
+    import dataclasses
+    import json
+
+    from services.index.build import build
+    from services.settings import Settings
+
+    if kind not in ("auto", "flat", "hnsw", "ivfpq"):
+        raise typer.BadParameter("kind must be auto, flat, hnsw or ivfpq", param_hint="--kind")
+    summary = build(source, name, Settings(), kind, batch_size, snapshot_every)
+    typer.echo(json.dumps(dataclasses.asdict(summary)))
+
 if __name__ == "__main__":
     app()
