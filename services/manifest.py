@@ -62,7 +62,11 @@ class Variant(BaseModel):
 
     image_model: str
     text_model: str
+    runtime: Literal["onnxruntime", "openvino"] = Field(
+        "onnxruntime", description="The in-process runtime that computes in this precision (services/backends/)."
+    )
     parity: dict[str, float] = Field(default_factory=dict)
+    evaluation: str = Field("", description="The real photos and texts the parity numbers were measured on.")
 
 
 class Manifest(BaseModel):

@@ -13,6 +13,11 @@ def create_backend(settings: Settings, manifest: Manifest) -> Backend:
         from services.backends.triton import TritonBackend
 
         return TritonBackend(settings, manifest)
+    variant = manifest.variants.get(settings.precision)
+    if variant is not None and variant.runtime == "openvino":
+        from services.backends.openvino import OpenVinoBackend
+
+        return OpenVinoBackend(settings, manifest)
     from services.backends.onnxruntime import OnnxRuntimeBackend
 
     return OnnxRuntimeBackend(settings, manifest)

