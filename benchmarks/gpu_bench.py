@@ -1,0 +1,358 @@
+"""The image tower on a GPU: images/s per runtime, precision and batch size, against the card's matmul peak.
+
+For a GPU host (goal: ViT-B-16 >= 11,000 images/s on one H100). It exports the tower with `hqclip export` (the
+exact ONNX file Triton serves: uint8 pixels in, normalisation in-graph), then times, side by side in one run:
+  ort-cuda       ONNX Runtime, CUDA execution provider (fp16: the graph converted with onnxconverter-common)
+  ort-trt        ONNX Runtime, TensorRT execution provider (what `hqclip export --tensorrt accelerator` uses)
+  torch-eager    the open_clip model in PyTorch (fp16: autocast)
+  torch-compile  the same through torch.compile
+and FAISS exact search, GPU vs CPU. Inputs already sit on the device (a server copies 150 KB of uint8 per
+image, about 1.6 GB/s at the goal); each row is the best of --repeats timed windows after warm-up.
+The "% peak" column is achieved FLOP/s (the forward's FLOPs counted by torch's FlopCounterMode) over the
+matmul FLOP/s measured on this card at the same precision (fp32 rows: TF32 matmuls, as ONNX Runtime's
+CUDA provider and torch with set_float32_matmul_precision("high") run them).
+
+    pip install -e '.[train,serve]' onnxruntime-gpu onnxconverter-common tensorrt-cu12 faiss-gpu-cu12
+    python benchmarks/gpu_bench.py                        # everything, ViT-B-16, batch 1..256
+    python benchmarks/gpu_bench.py --runtimes ort-trt --precisions fp16 --batch-sizes 64,128,256 --record
+    python benchmarks/gpu_bench.py --device cpu --model <tiny checkpoint folder> --batch-sizes 1,4   # smoke test
+
+A runtime that cannot run here (no TensorRT libraries, no faiss GPU build) gets a row saying why and what to
+install, instead of stopping the run. --record appends the table, with the card's name, to benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from services.manifest import load_manifest  # noqa: E402
+from training.export import default_name, export_checkpoint  # noqa: E402
+from training.models import load_model  # noqa: E402
+from training.onnx_towers import IMAGE_INPUT, ImageTower  # noqa: E402
+
+RUNTIMES = ("ort-cuda", "ort-trt", "torch-eager", "torch-compile")
+CPU_RUNTIMES = ("ort-cpu", "torch-eager")  # --device cpu: a smoke test of this script, not a benchmark
+GOAL = {"model": "ViT-B-16", "images_per_s": 11_000, "card": "H100"}
+
+
+@dataclass
+class Row:
+    runtime: str
+    precision: str
+    batch: int
+    images_per_s: float | None = None
+    latency_ms: float | None = None
+    peak_fraction: float | None = None
+    note: str = ""
+
+
+class Unavailable(RuntimeError):
+    """This runtime cannot run on this host; the message says what to install."""
+
+
+# --- timing ---
+def throughput(step: Callable[[], object], sync: Callable[[], None], batch: int, seconds: float, repeats: int,
+               warmup: int, min_calls: int = 3) -> tuple[float, float]:
+    """(images/s, ms per batch) of the best of ``repeats`` windows of about ``seconds`` each."""
+    for _ in range(warmup):
+        step()
+    sync()
+    start = time.perf_counter()
+    step()
+    sync()
+    per_call = max(time.perf_counter() - start, 1e-6)
+    calls = max(min_calls, int(seconds / per_call))
+    windows = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            step()
+        sync()
+        windows.append((time.perf_counter() - start) / calls)
+    best = min(windows)
+    return batch / best, best * 1000
+
+
+def matmul_peak(device: str, precision: str, n: int = 8192, seconds: float = 2.0) -> float:
+    """Measured dense matmul FLOP/s at ``precision`` (fp32: TF32 allowed on GPUs)."""
+    if device == "cpu":
+        n = 2048
+    dtype = torch.float16 if precision == "fp16" and device == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    per_s, _ = throughput(lambda: a @ b, lambda: sync_torch(device), 1, seconds, 3, 3)
+    return 2 * n**3 * per_s
+
+
+def sync_torch(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def flops_per_image(model: torch.nn.Module, size: tuple[int, int]) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    pixels = torch.zeros(1, 3, *size, dtype=torch.float32)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model.cpu().float().encode_image(pixels)
+    return float(counter.get_total_flops())
+
+
+# --- runtimes: each returns a step function for one batch, inputs already on the device ---
+def ort_session(onnx_path: Path, runtime: str, precision: str, device: str, workdir: Path, max_batch: int,
+                size: tuple[int, int]):
+    import onnxruntime as ort
+
+    if runtime == "ort-cpu":
+        if precision != "fp32":
+            raise Unavailable("ort-cpu runs fp32 only")
+        return ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]), "cpu"
+    if device == "cpu":
+        raise Unavailable(f"{runtime} needs --device cuda")
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in available:
+        raise Unavailable(f"onnxruntime has no CUDA provider ({available}): pip install onnxruntime-gpu")
+    if runtime == "ort-cuda":
+        path = onnx_path if precision == "fp32" else fp16_graph(onnx_path, workdir)
+        providers = [("CUDAExecutionProvider", {"use_tf32": 1}), "CPUExecutionProvider"]
+    else:
+        if "TensorrtExecutionProvider" not in available:
+            raise Unavailable("onnxruntime has no TensorRT provider: pip install onnxruntime-gpu tensorrt-cu12")
+        shape = "x".join(str(d) for d in (3, *size))
+        options = {
+            "trt_fp16_enable": precision == "fp16",
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(workdir / "trt_cache"),
+            "trt_builder_optimization_level": 5,
+            "trt_profile_min_shapes": f"{IMAGE_INPUT}:1x{shape}",
+            "trt_profile_opt_shapes": f"{IMAGE_INPUT}:{max_batch}x{shape}",
+            "trt_profile_max_shapes": f"{IMAGE_INPUT}:{max_batch}x{shape}",
+        }
+        path, providers = onnx_path, [("TensorrtExecutionProvider", options), "CUDAExecutionProvider"]
+    session = ort.InferenceSession(str(path), providers=providers)
+    if session.get_providers()[0] != providers[0][0]:
+        raise Unavailable(f"{providers[0][0]} did not load (see onnxruntime's log): check CUDA/cuDNN/TensorRT libs")
+    return session, "cuda"
+
+
+def fp16_graph(onnx_path: Path, workdir: Path) -> Path:
+    """The graph with fp16 weights and compute; uint8 input and fp32 output kept (keep_io_types)."""
+    target = workdir / "image_fp16.onnx"
+    if not target.exists():
+        try:
+            import onnx
+            from onnxconverter_common import float16
+        except ImportError as exc:
+            raise Unavailable("fp16 ONNX needs onnxconverter-common: pip install onnxconverter-common") from exc
+        converted = float16.convert_float_to_float16(onnx.load(str(onnx_path)), keep_io_types=True)
+        onnx.save(converted, str(target))
+    return target
+
+
+def ort_step(session, device: str, pixels: np.ndarray) -> tuple[Callable[[], object], Callable[[], None]]:
+    import onnxruntime as ort
+
+    binding = session.io_binding()
+    value = ort.OrtValue.ortvalue_from_numpy(pixels, device, 0)
+    binding.bind_ortvalue_input(IMAGE_INPUT, value)
+    binding.bind_output(session.get_outputs()[0].name, device)
+    return (lambda: session.run_with_iobinding(binding)), (lambda: None)  # run_with_iobinding waits for the GPU
+
+
+def torch_step(tower: torch.nn.Module, runtime: str, precision: str, device: str, pixels: np.ndarray):
+    if runtime == "torch-compile":
+        torch._dynamo.reset()  # a fresh compile per shape: dynamo's per-function cache holds only 8
+        tower = torch.compile(tower, dynamic=False)
+    x = torch.from_numpy(pixels).to(device)
+    autocast = torch.autocast(device_type=device, dtype=torch.float16, enabled=precision == "fp16")
+
+    def step():
+        with torch.inference_mode(), autocast:
+            return tower(x)
+
+    return step, lambda: sync_torch(device)
+
+
+# --- FAISS ---
+def faiss_rows(dim: int, vectors: int, queries: int, k: int, seconds: float, repeats: int) -> list[dict]:
+    try:
+        import faiss
+    except ImportError:
+        return [{"index": "flat", "note": "pip install faiss-gpu-cu12 (or faiss-cpu)"}]
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((vectors, dim), dtype=np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    query = base[rng.integers(0, vectors, queries)] + 0.01 * rng.standard_normal((queries, dim), dtype=np.float32)
+    cpu = faiss.IndexFlatIP(dim)
+    cpu.add(base)
+    indexes = [("cpu flat fp32", cpu)]
+    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        resources = faiss.StandardGpuResources()
+        indexes.append(("gpu flat fp32", faiss.index_cpu_to_gpu(resources, 0, cpu)))
+        options = faiss.GpuClonerOptions()
+        options.useFloat16 = True
+        indexes.append(("gpu flat fp16", faiss.index_cpu_to_gpu(resources, 0, cpu, options)))
+    rows = []
+    expected = cpu.search(query[:256], k)[1]
+    for name, index in indexes:
+        per_s, ms = throughput(lambda index=index: index.search(query, k), lambda: None, queries, seconds, repeats, 1,
+                               min_calls=1)
+        recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(index.search(query[:256], k)[1], expected)]))
+        rows.append({"index": name, "queries_per_s": per_s, "ms_per_batch": ms, "recall_vs_cpu": recall})
+    if len(indexes) == 1:
+        rows.append({"index": "gpu flat", "note": "no faiss GPU build here: pip install faiss-gpu-cu12"})
+    return rows
+
+
+# --- the run ---
+def export_tower(model: str, workdir: Path, max_batch: int) -> tuple[Path, tuple[int, int]]:
+    """The image tower's ONNX file as `hqclip export` writes it (reused when already exported)."""
+    repo = workdir / "model_repo"
+    name = default_name(model)
+    if not (repo / f"{name}.manifest.json").exists():
+        print(f"exporting {model} to {repo} (once) ...", flush=True)
+        export_checkpoint(model, out=repo, name=name, max_batch_size=max_batch)
+    manifest = load_manifest(repo, name)
+    return repo / manifest.image.model / "1" / "model.onnx", tuple(manifest.image.size)
+
+
+def card_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({platform.processor() or platform.machine()})"
+
+
+def run(args: argparse.Namespace) -> tuple[list[Row], list[dict], dict]:
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("no CUDA GPU visible to torch: run on a GPU host, or pass --device cpu for a smoke test")
+    torch.set_float32_matmul_precision("high")  # fp32 rows: TF32 matmuls, like ONNX Runtime's CUDA provider
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    onnx_path, size = export_tower(args.model, workdir, max(batches))
+
+    loaded = load_model(args.model)
+    flops = flops_per_image(loaded.model, size)
+    tower = ImageTower(loaded.model, loaded.preprocess_cfg["mean"], loaded.preprocess_cfg["std"]).eval().to(device)
+    precisions = args.precisions.split(",")
+    peaks = {p: matmul_peak(device, p) for p in precisions}
+    facts = {"card": card_name(device), "model": args.model, "image_size": list(size), "gflops_per_image": flops / 1e9,
+             "matmul_peak_tflops": {p: v / 1e12 for p, v in peaks.items()}, "torch": torch.__version__,
+             "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    print(json.dumps(facts), flush=True)
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for runtime in args.runtimes.split(","):
+        for precision in precisions:
+            try:
+                session = None
+                if runtime.startswith("ort"):
+                    session, where = ort_session(onnx_path, runtime, precision, device, workdir, max(batches), size)
+                for batch in batches:
+                    row = Row(runtime, precision, batch)
+                    pixels = rng.integers(0, 256, (batch, 3, *size), dtype=np.uint8)
+                    if session is not None:
+                        step, sync = ort_step(session, where, pixels)
+                    else:
+                        step, sync = torch_step(tower, runtime, precision, device, pixels)
+                    try:
+                        row.images_per_s, row.latency_ms = throughput(step, sync, batch, args.seconds, args.repeats,
+                                                                      args.warmup)
+                        row.peak_fraction = row.images_per_s * flops / peaks[precision]
+                    except Exception as exc:  # out of memory at a large batch, say: a row, not the end of the run
+                        row.note = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                    rows.append(row)
+                    print(format_row(row), flush=True)
+            except Unavailable as exc:  # the whole runtime cannot run here: one row says why
+                rows.append(Row(runtime, precision, 0, note=str(exc)))
+                print(format_row(rows[-1]), flush=True)
+    faiss = faiss_rows(args.faiss_dim, args.faiss_vectors, args.faiss_queries, 10, args.seconds, args.repeats)
+    facts["faiss"] = f"{args.faiss_vectors:,} x {args.faiss_dim} vectors, {args.faiss_queries:,} queries, top 10"
+    return rows, faiss, facts
+
+
+def format_row(row: Row) -> str:
+    if row.images_per_s is None:
+        return f"| {row.runtime} | {row.precision} | {row.batch or 'all'} | - | - | - | {row.note} |"
+    return (f"| {row.runtime} | {row.precision} | {row.batch} | {row.images_per_s:,.0f} | {row.latency_ms:.2f} "
+            f"| {100 * row.peak_fraction:.1f}% | {row.note} |")
+
+
+def table(rows: list[Row], faiss: list[dict], facts: dict) -> str:
+    best = max((r for r in rows if r.images_per_s), key=lambda r: r.images_per_s, default=None)
+    lines = [
+        f"### GPU bench: {facts['model']} image tower on {facts['card']} ({facts['at']})",
+        "",
+        f"{facts['gflops_per_image']:.3g} GFLOP per image; measured matmul peak "
+        + ", ".join(f"{p} {v:.3g} TFLOP/s" for p, v in facts["matmul_peak_tflops"].items())
+        + f"; torch {facts['torch']}.",
+        "",
+        "| runtime | precision | batch | images/s | ms/batch | % peak | note |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        *(format_row(r) for r in rows),
+        "",
+        f"| FAISS exact search ({facts['faiss']}) | queries/s | ms/batch | recall vs CPU | note |",
+        "| --- | --- | --- | --- | --- |",
+        *(f"| {f['index']} | {f['queries_per_s']:,.0f} | {f['ms_per_batch']:.1f} | {f['recall_vs_cpu']:.3f} | |"
+          if "queries_per_s" in f else f"| {f['index']} | - | - | - | {f['note']} |" for f in faiss),
+    ]
+    if best:
+        goal = f"goal {GOAL['images_per_s']:,} images/s for {GOAL['model']} on an {GOAL['card']}"
+        lines += ["", f"Best: {best.runtime} {best.precision} batch {best.batch}: {best.images_per_s:,.0f} images/s "
+                      f"({goal})."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="ViT-B-16", help="open_clip name or checkpoint folder (random weights "
+                        "for a name: throughput does not depend on them).")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--runtimes", default=",".join(RUNTIMES),
+                        help=f"Comma-separated, of {', '.join(RUNTIMES + CPU_RUNTIMES[:1])}.")
+    parser.add_argument("--precisions", default="fp16,fp32")
+    parser.add_argument("--batch-sizes", default="1,2,4,8,16,32,64,128,256")
+    parser.add_argument("--seconds", type=float, default=2.0, help="Length of one timed window.")
+    parser.add_argument("--repeats", type=int, default=3, help="Timed windows per row; the best counts.")
+    parser.add_argument("--warmup", type=int, default=10, help="Untimed calls first (torch.compile compiles here).")
+    parser.add_argument("--faiss-vectors", type=int, default=1_000_000)
+    parser.add_argument("--faiss-queries", type=int, default=10_000)
+    parser.add_argument("--faiss-dim", type=int, default=512)
+    parser.add_argument("--workdir", default=str(ROOT / "build" / "gpu_bench"), help="Export and engine caches.")
+    parser.add_argument("--json", type=Path, help="Also write every number here.")
+    parser.add_argument("--record", action="store_true", help="Append the table to benchmarks/RESULTS.md.")
+    args = parser.parse_args()
+    if args.device == "cpu" and args.runtimes == ",".join(RUNTIMES):
+        args.runtimes, args.precisions = ",".join(CPU_RUNTIMES), "fp32"
+
+    rows, faiss, facts = run(args)
+    text = table(rows, faiss, facts)
+    print("\n" + text)
+    if args.json:
+        args.json.write_text(json.dumps({"facts": facts, "rows": [asdict(r) for r in rows], "faiss": faiss}, indent=2))
+    if args.record:
+        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as out:
+            out.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
