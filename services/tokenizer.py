@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import heapq
 import html
 import string
 from pathlib import Path
@@ -79,22 +80,46 @@ class ClipBpeTokenizer:
         self._word_ids = functools.lru_cache(maxsize=cache_size)(self._word_ids_uncached)
 
     def _bpe(self, word: str) -> list[str]:
-        """Merge the lowest-ranked adjacent pair, everywhere left to right, until no known pair is left."""
-        parts = [*word[:-1], word[-1] + "</w>"]
-        while len(parts) > 1:
-            best = min(zip(parts, parts[1:]), key=lambda pair: self.ranks.get(pair, np.inf))
-            if best not in self.ranks:
-                break
-            merged, i = [], 0
-            while i < len(parts):
-                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
-                    merged.append(parts[i] + parts[i + 1])
-                    i += 2
-                else:
-                    merged.append(parts[i])
-                    i += 1
-            parts = merged
-        return parts
+        """CLIP's BPE: merge the lowest-ranked adjacent pair everywhere (left to right, no overlaps), repeat until
+        no known pair is left. Done on a linked list with a heap of pairs, so a long word costs n log n, not n^2."""
+        symbols: list[str | None] = [*word[:-1], word[-1] + "</w>"]
+        after = [*range(1, len(symbols)), -1]  # next live symbol; merges keep the left one, so order = index
+        before = [*range(-1, len(symbols) - 1)]
+        where: dict[tuple[str, str], set[int]] = {}  # pair -> indices of its left symbol
+        heap: list[tuple[int, tuple[str, str]]] = []
+
+        def pair_at(i: int) -> tuple[str, str] | None:
+            return (symbols[i], symbols[after[i]]) if i >= 0 and after[i] >= 0 else None
+
+        def add(i: int) -> None:
+            pair = pair_at(i)
+            if pair in self.ranks:
+                if not where.get(pair):
+                    heapq.heappush(heap, (self.ranks[pair], pair))
+                where.setdefault(pair, set()).add(i)
+
+        def discard(i: int) -> None:
+            pair = pair_at(i)
+            if pair in where:
+                where[pair].discard(i)
+
+        for i in range(len(symbols) - 1):
+            add(i)
+        while heap:
+            _, best = heapq.heappop(heap)
+            for i in sorted(where.pop(best, ())):
+                if symbols[i] is None or pair_at(i) != best:
+                    continue  # consumed by the merge just left of it (an overlapping occurrence)
+                right = after[i]
+                discard(before[i])
+                discard(right)
+                symbols[i], symbols[right] = best[0] + best[1], None
+                after[i] = after[right]
+                if after[i] >= 0:
+                    before[after[i]] = i
+                add(before[i])
+                add(i)
+        return [s for s in symbols if s is not None]
 
     def _word_ids_uncached(self, word: str) -> tuple[int, ...]:
         if word in self.SPECIAL:
