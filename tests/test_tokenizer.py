@@ -70,6 +70,19 @@ def test_exactly_full_context_is_not_truncated(clip_bpe):
     np.testing.assert_array_equal(ids, as_numpy(open_clip.get_tokenizer("ViT-B-16")([text, text + "cat"])))
 
 
+def test_bpe_merges_equal_open_clip_on_random_and_repetitive_words(clip_bpe):
+    """Overlapping merges ("aaaa"), long words and mixed scripts: the heap-based BPE must merge exactly as
+    CLIP's quadratic loop does."""
+    reference = SimpleTokenizer(context_length=77)
+    rng = np.random.default_rng(0)
+    alphabets = ["abcdefghijklmnopqrstuvwxyz", "ab", "a", "aeiou", "th", "éàü東京🙂xyz", "0123456789!?.,"]
+    words = ["".join(rng.choice(list(alphabets[rng.integers(len(alphabets))]), size=rng.choice([1, 2, 5, 13, 80])))
+             for _ in range(400)]
+    words += ["a" * 1001, "ab" * 500, "aab" * 333, "abba" * 250, "aaa", "aaaa"]
+    for word in words:
+        assert clip_bpe.encode(word) == reference.encode(word), word
+
+
 @pytest.mark.parametrize("clean", ["lower", "whitespace", "canonicalize"])
 @pytest.mark.parametrize("context_length", [16, 77])
 def test_cleaning_and_context_length_variants(clean, context_length):
