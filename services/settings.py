@@ -37,7 +37,9 @@ class LimitSettings(BaseModel):
 class TritonSettings(BaseModel):
     """The Triton backend (services/backends/triton.py)."""
 
-    url: str = Field("127.0.0.1:8001", description="Triton's gRPC address.")
+    url: str = Field(
+        "127.0.0.1:8001", description="Triton's gRPC address; dns:///host:8001 balances over every address of host."
+    )
     timeout_s: float = Field(30.0, gt=0, description="Per-inference timeout; past it the request gets 503.")
     ready_timeout_s: float = Field(2.0, gt=0, description="Timeout of each readiness check (/ready during an outage).")
 

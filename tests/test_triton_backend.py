@@ -127,3 +127,28 @@ def test_triton_outage_gives_503_and_the_gateway_recovers_without_restart(triton
     assert triton_gateway.process.poll() is None  # the same gateway process, never restarted
     after = vectors(post(triton_gateway.url, "/v1/embeddings", json=text))
     assert cosines(before, after).min() >= 0.9999
+
+
+def inference_count(server: TritonServer) -> float:
+    """Successful inferences this Triton ran, from its own Prometheus metrics."""
+    text = httpx.get(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("nv_inference_request_success{"))
+
+
+def test_two_tritons_share_the_load_and_cover_for_each_other(triton, triton_factory, tagged_repo, gateway_factory):
+    """Scale-out: one gateway, two Triton servers on one gRPC target; losing one is not an outage."""
+    second = triton_factory(tagged_repo)
+    gateway = gateway_factory(HQCLIP_MODEL_REPO=str(tagged_repo), HQCLIP_BACKEND="triton",
+                              HQCLIP_TRITON__URL=f"ipv4:{triton.grpc_url},{second.grpc_url}")
+    wait_for_ready(gateway.url)
+    before = [inference_count(triton), inference_count(second)]
+    for i in range(8):
+        post(gateway.url, "/v1/embeddings", json={"model": "tiny", "input": [f"a photo of {i} cats"]})
+    after = [inference_count(triton), inference_count(second)]
+    assert after[0] > before[0] and after[1] > before[1], f"round robin: {before} -> {after}"
+
+    assert second.stop()
+    for i in range(4):
+        post(gateway.url, "/v1/embeddings", json={"model": "tiny", "input": [f"a photo of {i} dogs"]})
+    assert wait_for_ready(gateway.url).json()["ready"] is True

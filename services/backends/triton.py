@@ -18,6 +18,13 @@ from services.settings import Settings
 
 # gRPC statuses that mean "Triton cannot serve this now", as opposed to a bad request.
 _OUTAGE = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.NOT_FOUND"}
+# Batches of 256 images are ~38 MB; and with a URL like dns:///triton:8001 that resolves to several Triton servers,
+# calls go round-robin to every one that is up.
+_CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", 2**31 - 1),
+    ("grpc.max_receive_message_length", 2**31 - 1),
+    ("grpc.lb_policy_name", "round_robin"),
+]
 
 
 class TritonBackend(Backend):
@@ -34,7 +41,7 @@ class TritonBackend(Backend):
     def _connect(self) -> grpcclient.InferenceServerClient:
         # Created lazily: a grpc.aio channel belongs to the event loop that first uses it.
         if self._client is None:
-            self._client = grpcclient.InferenceServerClient(self._settings.url)
+            self._client = grpcclient.InferenceServerClient(self._settings.url, channel_args=_CHANNEL_ARGS)
         return self._client
 
     async def _drop(self, client: grpcclient.InferenceServerClient) -> None:
