@@ -326,10 +326,14 @@ class TrainStream(IterableDataset):
 
 
 def train_loader(stream: TrainStream, workers: int) -> DataLoader:
-    """Batches are made inside the workers; the loader only moves them (round-robin over workers)."""
+    """Batches are made inside the workers; the loader only moves them (round-robin over workers).
+
+    The loader gets its own generator: by default it would draw its workers' base seed from the global torch
+    RNG, and a resumed run (which restores that RNG first) would then see a different dropout stream.
+    """
     return DataLoader(
         stream, batch_size=None, num_workers=workers, persistent_workers=False, pin_memory=torch.cuda.is_available(),
-        prefetch_factor=2 if workers else None,
+        prefetch_factor=2 if workers else None, generator=torch.Generator().manual_seed(stream.seed),
     )
 
 

@@ -16,6 +16,23 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class _AllGather(torch.autograd.Function):
+    """All-gather (equal sizes) whose backward sums every rank's gradient and returns this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        ctx.rows, ctx.rank = len(tensor), dist.get_rank()
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)  # works on gloo and nccl alike (gloo has no reduce-scatter)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
 def gather_features(*features: torch.Tensor, with_grad: bool = True) -> tuple[torch.Tensor, ...]:
     """Each tensor concatenated over all ranks in rank order (unchanged when not distributed).
 
@@ -28,12 +45,10 @@ def gather_features(*features: torch.Tensor, with_grad: bool = True) -> tuple[to
     gathered = []
     for tensor in features:
         if with_grad:
-            import torch.distributed.nn
-
-            gathered.append(torch.cat(torch.distributed.nn.all_gather(tensor), dim=0))
+            gathered.append(_AllGather.apply(tensor))
         else:
             parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-            dist.all_gather(parts, tensor.detach())
+            dist.all_gather(parts, tensor.detach().contiguous())
             parts[dist.get_rank()] = tensor
             gathered.append(torch.cat(parts, dim=0))
     return tuple(gathered)
