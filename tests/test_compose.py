@@ -101,7 +101,7 @@ def test_triton_vllm_and_gateway_are_wired_together(compose):
     assert gateway["depends_on"] == {"triton": {"condition": "service_healthy"},
                                      "vllm": {"condition": "service_healthy"}}
     env = gateway["environment"]
-    assert env["HQCLIP_BACKEND"] == "triton" and env["HQCLIP_TRITON__URL"] == "triton:8001"
+    assert env["HQCLIP_BACKEND"] == "triton" and env["HQCLIP_TRITON__URL"] == "dns:///triton:8001"
     assert env["HQCLIP_REFINE__URLS"] == "http://vllm:8000/v1"
 
     build = compose["services"]["trt-build"]
