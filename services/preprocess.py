@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from services.manifest import ImageSpec
 
@@ -80,7 +80,7 @@ class ImagePreprocessor:
             image = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as exc:
             raise ImageError(f"the image is too large to decode safely ({exc})") from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        except Exception:  # UnidentifiedImageError, or whatever a malformed header makes a plugin raise
             raise ImageError("the bytes are not an image PIL can read (send JPEG, PNG, WebP, GIF, BMP or TIFF)") \
                 from None
         width, height = image.size
@@ -91,10 +91,13 @@ class ImagePreprocessor:
             raise ImageError(f"the image is {width}x{height}: it has no pixels")
         try:
             image.load()
-            image = ImageOps.exif_transpose(image)
-            return to_rgb(image)
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        except Exception as exc:  # OSError "image file is truncated", decoder errors
             raise ImageError(f"the image is truncated or corrupt ({exc})") from None
+        try:
+            image = ImageOps.exif_transpose(image)
+        except Exception:  # a malformed EXIF block: keep the stored orientation rather than refuse the image
+            pass
+        return to_rgb(image)
 
     def _resize(self, image: Image.Image, size: tuple[int, int]) -> Image.Image:
         """PIL resize to (height, width), skipped when the size already matches (as torchvision does)."""
