@@ -65,7 +65,8 @@ class TritonServer:
 
     def start(self) -> None:
         if not TRITON_PYTHON.exists():
-            raise RuntimeError(f"{TRITON_PYTHON} is missing: run `bash tests/servers/triton_env.sh` (or `make test-servers`)")
+            raise RuntimeError(f"{TRITON_PYTHON} is missing: run `bash tests/servers/triton_env.sh` "
+                               "(or `make test-servers`)")
         command = [str(TRITON_PYTHON), str(SERVE), "--model-repo", str(self.repo), "--grpc-port", str(self.grpc_port),
                    "--http-port", str(self.http_port), "--metrics-port", str(self.metrics_port)]
         with open(self.log, "ab") as out:

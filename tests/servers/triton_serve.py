@@ -50,7 +50,7 @@ def find_manifest(repo: Path, name: str | None) -> dict:
 
 def served_models(manifest: dict) -> list[tuple[str, str, str]]:
     """(model, input, output) of every tower the manifest names, reduced-precision variants included."""
-    models = [(manifest[part]["model"], manifest[part]["input"], manifest[part]["output"]) for part in ("image", "text")]
+    models = [(manifest[p]["model"], manifest[p]["input"], manifest[p]["output"]) for p in ("image", "text")]
     if manifest.get("tags"):
         models.append((manifest["tags"]["model"], manifest["tags"]["input"], manifest["tags"]["output"]))
     for variant in manifest.get("variants", {}).values():
@@ -65,7 +65,8 @@ def bind_model(triton: Triton, repo: Path, model: str, input_name: str, output_n
     session = ort.InferenceSession(str(repo / model / "1" / "model.onnx"), options, providers=["CPUExecutionProvider"])
     (onnx_in,), (onnx_out,) = session.get_inputs(), session.get_outputs()
     if (onnx_in.name, onnx_out.name) != (input_name, output_name):
-        sys.exit(f"{model}: the ONNX graph has {onnx_in.name}->{onnx_out.name}, the manifest {input_name}->{output_name}")
+        sys.exit(f"{model}: the ONNX graph has {onnx_in.name}->{onnx_out.name}, "
+                 f"the manifest {input_name}->{output_name}")
 
     @batch
     def infer(**inputs: np.ndarray) -> dict[str, np.ndarray]:
