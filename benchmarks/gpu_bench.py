@@ -6,7 +6,7 @@ exact ONNX file Triton serves: uint8 pixels in, normalisation in-graph), then ti
   ort-trt        ONNX Runtime, TensorRT execution provider (what `hqclip export --tensorrt accelerator` uses)
   torch-eager    the open_clip model in PyTorch (fp16: autocast)
   torch-compile  the same through torch.compile
-and FAISS exact search, GPU vs CPU. Inputs already sit on the device (a server copies 150 KB of uint8 per
+and the retrieval indexes (FAISS flat and ivfpq, GPU vs CPU, via benchmarks/gpu_index_bench.py). Inputs already sit on the device (a server copies 150 KB of uint8 per
 image, about 1.6 GB/s at the goal); each row is the best of --repeats timed windows after warm-up.
 The "% peak" column is achieved FLOP/s (the forward's FLOPs counted by torch's FlopCounterMode) over the
 matmul FLOP/s measured on this card at the same precision (fp32 rows: TF32 matmuls, as ONNX Runtime's
@@ -189,34 +189,26 @@ def torch_step(tower: torch.nn.Module, runtime: str, precision: str, device: str
     return step, lambda: sync_torch(device)
 
 
-# --- FAISS ---
-def faiss_rows(dim: int, vectors: int, queries: int, k: int, seconds: float, repeats: int) -> list[dict]:
-    try:
-        import faiss
-    except ImportError:
-        return [{"index": "flat", "note": "pip install faiss-gpu-cu12 (or faiss-cpu)"}]
-    rng = np.random.default_rng(0)
-    base = rng.standard_normal((vectors, dim), dtype=np.float32)
-    base /= np.linalg.norm(base, axis=1, keepdims=True)
-    query = base[rng.integers(0, vectors, queries)] + 0.01 * rng.standard_normal((queries, dim), dtype=np.float32)
-    cpu = faiss.IndexFlatIP(dim)
-    cpu.add(base)
-    indexes = [("cpu flat fp32", cpu)]
-    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
-        resources = faiss.StandardGpuResources()
-        indexes.append(("gpu flat fp32", faiss.index_cpu_to_gpu(resources, 0, cpu)))
-        options = faiss.GpuClonerOptions()
-        options.useFloat16 = True
-        indexes.append(("gpu flat fp16", faiss.index_cpu_to_gpu(resources, 0, cpu, options)))
+# --- FAISS, through the gateway's own index code (benchmarks/gpu_index_bench.py) ---
+def faiss_rows(vectors: int, queries: int, rounds: int) -> list[dict]:
+    from benchmarks.gpu_index_bench import K
+    from benchmarks.gpu_index_bench import run as index_run
+    from benchmarks.index_bench import clustered
+    from services.index.vectors import gpu_resources
+
+    gpu = gpu_resources()
+    base, query = clustered(vectors, seed=1), clustered(queries, seed=2)
     rows = []
-    expected = cpu.search(query[:256], k)[1]
-    for name, index in indexes:
-        per_s, ms = throughput(lambda index=index: index.search(query, k), lambda: None, queries, seconds, repeats, 1,
-                               min_calls=1)
-        recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(index.search(query[:256], k)[1], expected)]))
-        rows.append({"index": name, "queries_per_s": per_s, "ms_per_batch": ms, "recall_vs_cpu": recall})
-    if len(indexes) == 1:
-        rows.append({"index": "gpu flat", "note": "no faiss GPU build here: pip install faiss-gpu-cu12"})
+    for kind in ("flat", "ivfpq"):
+        cpu_row, cpu_found = index_run(kind, base, query, None, rounds)
+        rows.append(cpu_row)
+        if gpu is None:
+            rows.append({"kind": kind, "n": vectors, "where": "gpu",
+                         "note": "FAISS sees no GPU: pip install faiss-gpu-cu12 in place of faiss-cpu"})
+            continue
+        gpu_row, gpu_found = index_run(kind, base, query, gpu, rounds)
+        gpu_row["agreement"] = float(np.mean([len(set(a) & set(b)) / K for a, b in zip(cpu_found, gpu_found)]))
+        rows.append(gpu_row)
     return rows
 
 
@@ -284,8 +276,8 @@ def run(args: argparse.Namespace) -> tuple[list[Row], list[dict], dict]:
             except Unavailable as exc:  # the whole runtime cannot run here: one row says why
                 rows.append(Row(runtime, precision, 0, note=str(exc)))
                 print(format_row(rows[-1]), flush=True)
-    faiss = faiss_rows(args.faiss_dim, args.faiss_vectors, args.faiss_queries, 10, args.seconds, args.repeats)
-    facts["faiss"] = f"{args.faiss_vectors:,} x {args.faiss_dim} vectors, {args.faiss_queries:,} queries, top 10"
+    faiss = faiss_rows(args.faiss_vectors, args.faiss_queries, args.faiss_rounds)
+    facts["faiss"] = f"{args.faiss_vectors:,} vectors, {args.faiss_queries:,} queries, top 10"
     return rows, faiss, facts
 
 
@@ -309,10 +301,10 @@ def table(rows: list[Row], faiss: list[dict], facts: dict) -> str:
         "| --- | --- | --- | --- | --- | --- | --- |",
         *(format_row(r) for r in rows),
         "",
-        f"| FAISS exact search ({facts['faiss']}) | queries/s | ms/batch | recall vs CPU | note |",
-        "| --- | --- | --- | --- | --- |",
-        *(f"| {f['index']} | {f['queries_per_s']:,.0f} | {f['ms_per_batch']:.1f} | {f['recall_vs_cpu']:.3f} | |"
-          if "queries_per_s" in f else f"| {f['index']} | - | - | - | {f['note']} |" for f in faiss),
+        f"| FAISS index ({facts['faiss']}) | where | queries/s | single query p50 ms | top-10 agreement | note |",
+        "| --- | --- | --- | --- | --- | --- |",
+        *(f"| {f['kind']} | {f['where']} | {f['qps']:,.0f} | {f['p50']:.2f} | {format(f['agreement'], '.3f') if 'agreement' in f else '-'} | |"
+          if "qps" in f else f"| {f['kind']} | {f['where']} | - | - | - | {f['note']} |" for f in faiss),
     ]
     if best:
         goal = f"goal {GOAL['images_per_s']:,} images/s for {GOAL['model']} on an {GOAL['card']}"
@@ -335,8 +327,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="Timed windows per row; the best counts.")
     parser.add_argument("--warmup", type=int, default=10, help="Untimed calls first (torch.compile compiles here).")
     parser.add_argument("--faiss-vectors", type=int, default=1_000_000)
-    parser.add_argument("--faiss-queries", type=int, default=10_000)
-    parser.add_argument("--faiss-dim", type=int, default=512)
+    parser.add_argument("--faiss-queries", type=int, default=1000)
+    parser.add_argument("--faiss-rounds", type=int, default=100, help="Single queries for the p50 latency.")
     parser.add_argument("--workdir", default=str(ROOT / "build" / "gpu_bench"), help="Export and engine caches.")
     parser.add_argument("--json", type=Path, help="Also write every number here.")
     parser.add_argument("--record", action="store_true", help="Append the table to benchmarks/RESULTS.md.")
