@@ -6,7 +6,8 @@ exact ONNX file Triton serves: uint8 pixels in, normalisation in-graph), then ti
   ort-trt        ONNX Runtime, TensorRT execution provider (what `hqclip export --tensorrt accelerator` uses)
   torch-eager    the open_clip model in PyTorch (fp16: autocast)
   torch-compile  the same through torch.compile
-and the retrieval indexes (FAISS flat and ivfpq, GPU vs CPU, via benchmarks/gpu_index_bench.py). Inputs already sit on the device (a server copies 150 KB of uint8 per
+and the retrieval indexes (FAISS flat and ivfpq, GPU vs CPU, via benchmarks/gpu_index_bench.py).
+Inputs already sit on the device (a server copies 150 KB of uint8 per
 image, about 1.6 GB/s at the goal); each row is the best of --repeats timed windows after warm-up.
 The "% peak" column is achieved FLOP/s (the forward's FLOPs counted by torch's FlopCounterMode) over the
 matmul FLOP/s measured on this card at the same precision (fp32 rows: TF32 matmuls, as ONNX Runtime's
@@ -303,7 +304,8 @@ def table(rows: list[Row], faiss: list[dict], facts: dict) -> str:
         "",
         f"| FAISS index ({facts['faiss']}) | where | queries/s | single query p50 ms | top-10 agreement | note |",
         "| --- | --- | --- | --- | --- | --- |",
-        *(f"| {f['kind']} | {f['where']} | {f['qps']:,.0f} | {f['p50']:.2f} | {format(f['agreement'], '.3f') if 'agreement' in f else '-'} | |"
+        *(f"| {f['kind']} | {f['where']} | {f['qps']:,.0f} | {f['p50']:.2f} "
+          f"| {format(f['agreement'], '.3f') if 'agreement' in f else '-'} | |"
           if "qps" in f else f"| {f['kind']} | {f['where']} | - | - | - | {f['note']} |" for f in faiss),
     ]
     if best:
