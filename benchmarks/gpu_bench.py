@@ -13,7 +13,8 @@ The "% peak" column is achieved FLOP/s (the forward's FLOPs counted by torch's F
 matmul FLOP/s measured on this card at the same precision (fp32 rows: TF32 matmuls, as ONNX Runtime's
 CUDA provider and torch with set_float32_matmul_precision("high") run them).
 
-    pip install -e '.[train,serve]' onnxruntime-gpu onnxconverter-common tensorrt-cu12 faiss-gpu-cu12
+    pip install -e '.[train,serve]' && pip uninstall -y onnxruntime faiss-cpu   # their GPU builds replace them
+    pip install onnxruntime-gpu onnxconverter-common tensorrt-cu12 faiss-gpu-cu12
     python benchmarks/gpu_bench.py                        # everything, ViT-B-16, batch 1..256
     python benchmarks/gpu_bench.py --runtimes ort-trt --precisions fp16 --batch-sizes 64,128,256 --record
     python benchmarks/gpu_bench.py --device cpu --model <tiny checkpoint folder> --batch-sizes 1,4   # smoke test
