@@ -121,7 +121,8 @@ def refine(
                                  image_column=image_column, caption_column=caption_column,
                                  worker_index=worker_index, worker_count=worker_count, progress=progress)
     except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     typer.echo(summary_text(summary, out))
     raise typer.Exit(0 if summary.complete else 1)
 

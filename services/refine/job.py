@@ -245,8 +245,11 @@ async def run(shards: list[Shard], client: RefineClient, out_dir: Path, state_pa
     """Refine every sample of ``shards`` not refined yet and write each shard once all its samples have answers."""
     out_dir.mkdir(parents=True, exist_ok=True)
     state, summary = State(state_path), Summary(shards=len(shards))
-    pending = [shard for shard in shards if not (out_dir / shard.name).exists()]
-    summary.shards_already_written = len(shards) - len(pending)
+    written = [shard for shard in shards if (out_dir / shard.name).exists()]
+    pending = [shard for shard in shards if shard not in written]
+    summary.shards_already_written = len(written)
+    for shard in written:  # rows left by a crash between writing a shard and forgetting them
+        state.forget(shard.name)
     started, slots, bar = time.monotonic(), asyncio.Semaphore(concurrency), _Progress(len(pending), progress)
     failure_log = open(out_dir / FAILURE_LOG, "a", encoding="utf-8")
     stop = asyncio.Event()

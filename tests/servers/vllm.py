@@ -78,9 +78,10 @@ class VllmServer:
         return self.log.read_bytes()[-6000:].decode("utf-8", errors="replace")
 
     def requests_done(self) -> int:
-        """Chat completions this server finished, from its Prometheus metrics."""
+        """Chat completions this server answered to the end (not aborted by a client gone), from its metrics."""
         text = httpx.get(f"http://127.0.0.1:{self.port}/metrics", timeout=10).text
-        return int(sum(float(v) for v in re.findall(r"^vllm:request_success_total\{[^}]*\} (\S+)$", text, re.M)))
+        pattern = r'^vllm:request_success_total\{[^}]*finished_reason="(?:stop|length)"[^}]*\} (\S+)$'
+        return int(sum(float(v) for v in re.findall(pattern, text, re.M)))
 
     @property
     def alive(self) -> bool:

