@@ -205,3 +205,20 @@ def test_torchrun_train_then_eval_commands(tiny_checkpoint, shards, tmp_path):
                 "zeroshot_top1"):
         assert 0.0 <= results[key] <= 1.0, key
     assert "| tag_mAP |" in (tmp_path / "eval.md").read_text() and "| tag_mAP |" in result.stdout
+
+
+def test_eval_on_a_folder_of_labelled_images(tiny_checkpoint, tmp_path):
+    from tests.photos import photo
+    from training.evaluate import run
+
+    for name in ("astronaut", "coffee", "chelsea"):
+        (tmp_path / "photos" / name).mkdir(parents=True)
+        photo(name).resize((80, 80)).save(tmp_path / "photos" / name / "1.png")
+    (tmp_path / "templates.txt").write_text("a photo of a {}.\nno placeholder here\n")
+    results = run(model=str(tiny_checkpoint), folder=tmp_path / "photos", templates_file=tmp_path / "templates.txt",
+                  out=tmp_path / "eval")
+    assert results["samples"] == 3 and results["zeroshot_classes"] == 3
+    assert results["zeroshot_top5"] == 1.0  # 3 classes: the right one is always in the top 5
+    assert json.loads((tmp_path / "eval.json").read_text()) == results
+    with pytest.raises(ValueError, match="either --shards or --folder"):
+        run(model=str(tiny_checkpoint))

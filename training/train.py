@@ -194,6 +194,48 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
+@dataclass
+class TrainStep:
+    """One optimisation step: forward under autocast, the HQ-CLIP loss, backward, clipping, AdamW, schedule."""
+
+    model: nn.Module  # the HQCLIPModel, DDP-wrapped when distributed
+    module: HQCLIPModel
+    loss_fn: HQCLIPLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    autocast: object
+    grad_clip: float | None
+    frozen: list[nn.Module]
+    device: torch.device
+    lr: float = 0.0  # the learning rate the last step used
+
+    def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
+        self.module.train()
+        for m in self.frozen:
+            m.eval()
+        to = self.device
+        negative = batch["negative"].to(to, non_blocking=True) if self.loss_fn.lambda_hni > 0 else None
+        tags = batch["tags"].to(to, non_blocking=True) if self.module.tag_head is not None else None
+        with self.autocast:
+            out = self.model(batch["images"].to(to, non_blocking=True), batch["positive"].to(to, non_blocking=True),
+                             negative)
+            terms = self.loss_fn(out["image"], out["text"], out["logit_scale"], out["negative"], out["tag_logits"],
+                                 tags)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(terms["loss"]).backward()
+        if self.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_([p for p in self.module.parameters() if p.requires_grad], self.grad_clip)
+        self.lr = self.optimizer.param_groups[0]["lr"]
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        with torch.no_grad():
+            self.module.clip.logit_scale.clamp_(0, math.log(100))
+        return terms | {"logit_scale": out["logit_scale"].detach()}
+
+
 # --- checkpoints -------------------------------------------------------------------------------------------
 
 
@@ -332,42 +374,23 @@ def train(cfg: TrainConfig, bundle: ModelBundle | None = None) -> dict:
         choice=TextChoice(cfg.data.p_desc, cfg.data.p_neg_desc), rank=env.rank, world_size=env.world_size,
         state=data_state)
     loader = iter(train_loader(stream, cfg.data.workers))
-    use_negatives = cfg.loss.lambda_hni > 0
+    step_fn = TrainStep(ddp, module, loss_fn, optimizer, scheduler, scaler, autocast, cfg.optim.grad_clip, frozen,
+                        device)
     last_step = min(cfg.optim.steps, cfg.run.stop_at_step or cfg.optim.steps)
     metrics: dict = {}
     progress = _progress(env.main and cfg.run.progress, step, cfg.optim.steps)
     started, samples = time.perf_counter(), 0
 
     while step < last_step:
-        module.train()
-        for m in frozen:
-            m.eval()
         batch = next(loader)
         data_state.update(batch)
-        images = batch["images"].to(device, non_blocking=True)
-        positive = batch["positive"].to(device, non_blocking=True)
-        negative = batch["negative"].to(device, non_blocking=True) if use_negatives else None
-        with autocast:
-            outputs = ddp(images, positive, negative)
-            terms = loss_fn(outputs["image"], outputs["text"], outputs["logit_scale"], outputs["negative"],
-                            outputs["tag_logits"], batch["tags"].to(device) if head is not None else None)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(terms["loss"]).backward()
-        if cfg.optim.grad_clip:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], cfg.optim.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        with torch.no_grad():
-            module.clip.logit_scale.clamp_(0, math.log(100))
+        terms = step_fn(batch)
         step += 1
-        samples += len(images) * env.world_size
+        samples += len(batch["images"]) * env.world_size
         progress.update(1)
 
         if step % cfg.run.log_every == 0 or step == last_step:
-            metrics = _log(out, step, terms, optimizer, outputs["logit_scale"], data_state, env,
-                           samples / (time.perf_counter() - started))
+            metrics = _log(out, step, terms, step_fn.lr, data_state, env, samples / (time.perf_counter() - started))
             progress.set_postfix(loss=f"{metrics['loss']:.4f}")
         if step % cfg.run.checkpoint_every == 0 or step == last_step:
             _checkpoint(cfg, step, module, vocab, optimizer, scheduler, scaler, data_state, metrics, env)
@@ -401,17 +424,15 @@ def _progress(enabled: bool, initial: int, total: int):
     return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
 
 
-def _log(out: Path, step: int, terms: dict, optimizer, logit_scale, data_state: StreamState, env: Dist,
-         throughput: float) -> dict:
+def _log(out: Path, step: int, terms: dict, lr: float, data_state: StreamState, env: Dist, throughput: float) -> dict:
     """Average the loss terms over ranks and append one JSON line (rank 0)."""
-    names = sorted(terms)
+    names = sorted(terms)  # the loss terms and the logit scale
     values = torch.stack([terms[n].detach().float() for n in names])
     if env.world_size > 1:
         dist.all_reduce(values)
         values /= env.world_size
     metrics = {"step": step, **{n: float(v) for n, v in zip(names, values.cpu())}}
-    metrics |= {"lr": optimizer.param_groups[0]["lr"], "logit_scale": float(logit_scale.detach()),
-                "samples_per_s": throughput, "skipped": data_state.skip_counts()}
+    metrics |= {"lr": lr, "samples_per_s": throughput, "skipped": data_state.skip_counts()}
     if env.main:
         with open(out / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(metrics) + "\n")
