@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import io
 import os
 import platform
 import subprocess
@@ -27,7 +26,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import onnxruntime as ort
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -36,21 +34,10 @@ from services.manifest import load_manifest  # noqa: E402
 from services.preprocess import ImagePreprocessor  # noqa: E402
 from services.tokenizer import load_tokenizer  # noqa: E402
 from tests.conftest import free_port, wait_until_healthy  # noqa: E402
+from tests.photos import PHOTO_NAMES, jpeg  # noqa: E402
 
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "immunohistochemistry")
 TEXTS = ["a photo of a cat sitting on a sofa", "two astronauts on the moon", "a cup of coffee with latte art",
-         "a red rocket on the launch pad", "a motorcycle parked by the road", "stained cells under a microscope"]
-
-
-def jpegs() -> list[bytes]:
-    from skimage import data
-
-    out = []
-    for name in PHOTOS:
-        buffer = io.BytesIO()
-        Image.fromarray(getattr(data, name)()[..., :3]).save(buffer, "JPEG", quality=90)
-        out.append(buffer.getvalue())
-    return out
+         "a red rocket on the launch pad", "galaxies in the deep sky", "stained cells under a microscope"]
 
 
 def run_for(seconds: float, concurrency: int, work) -> float:
@@ -104,7 +91,7 @@ def main() -> None:
                 for m in (manifest.image.model, manifest.text.model)}
     preprocess = ImagePreprocessor(manifest.image, 50_000_000, 100_000_000)
     tokenizer = load_tokenizer(manifest.text.tokenizer, args.repo)
-    images = jpegs()
+    images = [jpeg(name) for name in PHOTO_NAMES]
     image_batch = [images[i % len(images)] for i in range(args.batch)]
     text_batch = [TEXTS[i % len(TEXTS)] for i in range(args.batch)]
 

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 from skimage import data as skdata
 
-PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "motorcycle_left")
+PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
 
 
 def photo(name: str = "astronaut") -> Image.Image:
