@@ -212,3 +212,25 @@ def test_graceful_restart_keeps_everything(gateway_factory, tmp_path, dim):
     assert (described["count"], described["wal_pending"], described["kind"]) == (19, 0, "hnsw")
     after = [search(second, "kept", vector=v.tolist(), top_k=5, filters={"tags": ["t1"]}) for v in vectors]
     assert after == before
+
+
+def test_refine_on_ingest_stores_the_lvlm_tags_and_descriptions(gateway_factory, vllm_server, tmp_path):
+    from tests.servers.vllm import MODEL_NAME
+
+    gw = gateway_factory(HQCLIP_REFINE__URLS=vllm_server.url, HQCLIP_INDEX__DIR=str(tmp_path / "collections"),
+                         HQCLIP_REFINE__TEMPERATURE="1.0")  # the tiny model ends its answers when sampled
+    create(gw, "refined")
+    items = [{"id": "cat", "image": b64(jpeg("chelsea")), "caption": "Chelsea the cat", "tags": ["mine"]},
+             {"id": "cup", "image": b64(jpeg("coffee")), "caption": "my morning", "tags": ["mine"]}]
+    ok(call(gw, "POST", "/v1/collections/refined/items", {"items": items}))  # refine: default = when configured
+    ok(call(gw, "POST", "/v1/collections/refined/items",
+            {"items": [{"id": "plain", "image": b64(jpeg("rocket"))}], "refine": False}))
+    for item_id, name in (("cat", "chelsea"), ("cup", "coffee")):
+        hit = search(gw, "refined", image=b64(jpeg(name)), top_k=1)[0]
+        refined = hit["attributes"]["refined"]
+        assert hit["id"] == item_id and hit["tags"][0] == "mine" and len(hit["tags"]) > 1
+        assert refined["model"] == MODEL_NAME and refined["desc"] and refined["neg_desc"] and refined["neg_tags"]
+        lvlm_tag = hit["tags"][1]  # an LVLM tag is a filter like any other
+        assert item_id in [h["id"] for h in search(gw, "refined", image=b64(jpeg(name)), filters={"tags": [lvlm_tag]})]
+    plain = search(gw, "refined", image=b64(jpeg("rocket")), top_k=1)[0]
+    assert (plain["id"], plain["tags"], plain["attributes"]) == ("plain", [], {})
