@@ -42,7 +42,9 @@ class DataConfig(_Section):
     vocab_size: int = Field(10_000, ge=1, description="Tags kept for short-tag classification (top-K).")
     vocab_min_count: int = Field(1, ge=1, description="A tag needs at least this many samples to be kept.")
     vocab_path: Path | None = Field(None, description="A saved vocabulary; None = build one from train_shards.")
-    vocab_max_samples: int | None = Field(None, description="Samples scanned to build the vocabulary; None = all.")
+    vocab_max_samples: int | None = Field(
+        100_000, description="Samples scanned (JSON only, rank 0) to build the vocabulary; None = all."
+    )
 
 
 class LossConfig(_Section):

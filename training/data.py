@@ -67,11 +67,12 @@ def expand_urls(patterns: Iterable[str] | str) -> list[str]:
     return urls
 
 
-def read_raw(urls: Iterable[str], handler: Callable[[Exception], bool]) -> Iterator[dict]:
-    """Raw samples (``__key__`` + bytes per extension) from tar shards, in order."""
+def read_raw(urls: Iterable[str], handler: Callable[[Exception], bool],
+             select: Callable[[str], bool] | None = None) -> Iterator[dict]:
+    """Raw samples (``__key__`` + bytes per extension) from tar shards, in order; ``select`` filters file names."""
     from webdataset.tariterators import tarfile_samples
 
-    return tarfile_samples(({"url": url} for url in urls), handler=handler)
+    return tarfile_samples(({"url": url} for url in urls), handler=handler, select_files=select)
 
 
 # --- one sample -------------------------------------------------------------------------------------------
@@ -167,9 +168,9 @@ def iterate_samples(
 
 
 def iterate_tags(urls: Iterable[str], counter: SkipCounter, limit: int | None = None) -> Iterator[list[str]]:
-    """The ``tags`` of each annotated sample, without decoding images (to build the vocabulary)."""
+    """The ``tags`` of each annotated sample, reading only the JSON files (to build the vocabulary)."""
     seen = 0
-    for raw in read_raw(urls, counter):
+    for raw in read_raw(urls, counter, select=lambda name: name.endswith(".json")):
         if limit is not None and seen >= limit:
             return
         key = raw.get("__key__", "?")

@@ -17,6 +17,7 @@ import os
 import random
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -264,9 +265,10 @@ def load_trained(path: Path, bundle: ModelBundle | None = None) -> tuple[ModelBu
     payload = torch.load(path, map_location="cpu", weights_only=False)
     if payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not an `hqclip train` checkpoint")
-    if bundle is None:
+    if bundle is None:  # the architecture; the weights come from the checkpoint (a pretrained tag is not fetched)
         cfg = payload["config"]["model"]
-        bundle = load_bundle(cfg["name"], cfg["pretrained"])
+        local = cfg["pretrained"] if cfg["pretrained"] and Path(cfg["pretrained"]).is_file() else None
+        bundle = load_bundle(cfg["name"], local)
     bundle.model.load_state_dict(payload["model"])
     head = vocab = None
     if payload.get("tag_head") is not None:
@@ -279,13 +281,17 @@ def load_trained(path: Path, bundle: ModelBundle | None = None) -> tuple[ModelBu
 # --- the loop -------------------------------------------------------------------------------------------------
 
 
-def _vocabulary(cfg: TrainConfig, urls: list[str]) -> Vocabulary:
-    """The configured vocabulary file, or the top tags of the training shards (same on every rank)."""
+def _vocabulary(cfg: TrainConfig, urls: list[str], env: Dist) -> Vocabulary:
+    """The configured vocabulary file, or the top tags of the training shards (counted on rank 0, broadcast)."""
     if cfg.data.vocab_path is not None:
         return Vocabulary.load(cfg.data.vocab_path)
-    counter = SkipCounter()
-    vocab = build_vocabulary(iterate_tags(urls, counter, cfg.data.vocab_max_samples), cfg.data.vocab_size,
-                             cfg.data.vocab_min_count)
+    built = [None]
+    if env.main:
+        tags = iterate_tags(urls, SkipCounter(), cfg.data.vocab_max_samples)
+        built = [build_vocabulary(tags, cfg.data.vocab_size, cfg.data.vocab_min_count).to_dict()]
+    if env.world_size > 1:
+        dist.broadcast_object_list(built, src=0)
+    vocab = Vocabulary.from_dict(built[0])
     if not vocab.tags:
         raise ValueError(f"no tags found in {len(urls)} shard(s): the samples need a `tags` list in their JSON")
     return vocab
@@ -326,7 +332,7 @@ def train(cfg: TrainConfig, bundle: ModelBundle | None = None) -> dict:
     frozen = freeze_towers(clip, cfg.model.freeze_image, cfg.model.freeze_text, cfg.model.train_projections)
     vocab = None
     if cfg.loss.lambda_stc > 0:
-        vocab = Vocabulary.from_dict(payload["vocab"]) if payload else _vocabulary(cfg, urls)
+        vocab = Vocabulary.from_dict(payload["vocab"]) if payload else _vocabulary(cfg, urls, env)
     with torch.no_grad():
         embed_dim = clip.encode_text(bundle.tokenizer([""])).shape[-1]
     head = TagHead(embed_dim, len(vocab), vocab.frequencies()) if vocab is not None else None
@@ -432,7 +438,11 @@ def _log(out: Path, step: int, terms: dict, lr: float, data_state: StreamState, 
         dist.all_reduce(values)
         values /= env.world_size
     metrics = {"step": step, **{n: float(v) for n, v in zip(names, values.cpu())}}
-    metrics |= {"lr": lr, "samples_per_s": throughput, "skipped": data_state.skip_counts()}
+    skipped = [data_state.skip_counts()]
+    if env.world_size > 1:
+        skipped = [None] * env.world_size
+        dist.all_gather_object(skipped, data_state.skip_counts())
+    metrics |= {"lr": lr, "samples_per_s": throughput, "skipped": dict(sum(map(Counter, skipped), Counter()))}
     if env.main:
         with open(out / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(metrics) + "\n")
