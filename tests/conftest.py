@@ -158,6 +158,14 @@ def client_gateway(gateway_factory, tagged_repo, tmp_path_factory) -> Gateway:
 
 
 @pytest.fixture(scope="session")
+def lvlm_gateway(gateway_factory, tagged_repo, vllm_server, tmp_path_factory) -> Gateway:
+    """A gateway on the tagged model refining through the tiny vLLM server (no API keys)."""
+    return gateway_factory(HQCLIP_MODEL_REPO=str(tagged_repo), HQCLIP_REFINE__URLS=vllm_server.url,
+                           HQCLIP_REFINE__TEMPERATURE="1.0",  # the tiny model ends its answers when sampled
+                           HQCLIP_INDEX__DIR=str(tmp_path_factory.mktemp("lvlm-collections")))
+
+
+@pytest.fixture(scope="session")
 def gateway(gateway_factory) -> Gateway:
     """The default gateway on the tiny repository."""
     return gateway_factory()

@@ -31,11 +31,13 @@ from hqclip_client import (
     NotFoundError,
     RateLimitError,
     RetryPolicy,
+    ServiceUnavailableError,
 )
 from hqclip_client.api import chunks, shift_index
 from hqclip_client.images import png
 from tests.conftest import free_port
 from tests.photos import b64, encode, jpeg, photo
+from tests.servers.vllm import MODEL_NAME
 
 LABELS = ["cat", "astronaut", "coffee cup", "rocket"]
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")
@@ -81,10 +83,10 @@ def test_retry_backs_off_exponentially_with_jitter_and_stops():
     policy = RetryPolicy(max_retries=4, backoff_s=1.0, max_backoff_s=3.0)
     for attempt in range(4):
         ceiling = min(3.0, 2.0**attempt)
-        delays = {policy.delay(attempt, _response(503)) for _ in range(50)}
+        delays = {policy.delay(attempt, _response(429)) for _ in range(50)}
         assert all(ceiling / 2 <= d <= ceiling for d in delays)
         assert len(delays) > 1, "jitter: the delays must not all be equal"
-    assert policy.delay(4, _response(503)) is None
+    assert policy.delay(4, _response(429)) is None
 
 
 def test_retry_honours_retry_after_and_refuses_what_it_should_not_retry():
@@ -93,6 +95,8 @@ def test_retry_honours_retry_after_and_refuses_what_it_should_not_retry():
     in_five = email.utils.formatdate(time.time() + 5, usegmt=True)
     assert 3 <= policy.delay(0, _response(429, **{"retry-after": in_five})) <= 5
     assert policy.delay(0, _response(429, **{"retry-after": "3600"})) is None  # too long: raise at once
+    assert policy.delay(0, _response(503, **{"retry-after": "2"})) >= 2  # an outage: the gateway says when
+    assert policy.delay(0, _response(503)) is None  # not configured (e.g. no LVLM): no use waiting
     for status in (400, 401, 404, 500, 502):
         assert policy.delay(0, _response(status)) is None
     request = httpx.Request("POST", "http://gateway/")
@@ -325,3 +329,47 @@ async def test_a_full_queue_is_retried_until_it_has_room(small_gateway):
     assert refused and all(isinstance(o, RateLimitError) for o in refused)
     assert refused[0].status == 429 and "queue is full" in refused[0].message
     assert refused[0].headers.get("retry-after") == "1"
+
+
+# --- refinement ---
+def _requests(gateway, route: str, status: str) -> float:
+    metrics = httpx.get(f"{gateway.url}/metrics", headers={"authorization": f"Bearer {key(gateway)}"}, timeout=10)
+    metrics.raise_for_status()
+    metrics = metrics.text
+    pattern = rf'^hqclip_requests_total\{{route="{re.escape(route)}",status="{status}"\}} (\S+)$'
+    return sum(float(m) for m in re.findall(pattern, metrics, re.M))
+
+
+@pytest.mark.slow
+def test_refine_without_an_lvlm_fails_at_once_saying_what_to_set(client, client_gateway):
+    before = _requests(client_gateway, "/v1/refine", "503")
+    with pytest.raises(ServiceUnavailableError) as caught:
+        client.refine(jpeg("coffee"))
+    assert caught.value.status == 503 and "HQCLIP_REFINE__URLS" in caught.value.message
+    assert _requests(client_gateway, "/v1/refine", "503") == before + 1, "a 503 without Retry-After is not retried"
+
+
+def _assert_refined(refinement, index: int) -> None:
+    assert refinement.index == index and refinement.model == MODEL_NAME and refinement.latency_ms > 0
+    assert all(refinement.desc) and all(refinement.neg_desc) and refinement.tags
+    assert len(refinement.tags) == len(refinement.neg_tags)
+
+
+@pytest.mark.slow
+async def test_refine_through_a_real_lvlm_sync_async_and_on_ingest(lvlm_gateway, tmp_path):
+    path = tmp_path / "cat.png"
+    path.write_bytes(encode(photo("chelsea"), "PNG"))
+    with Client(lvlm_gateway.url, max_items=1) as sdk:  # two images: two requests
+        refined = sdk.refine([path, jpeg("rocket")], alt_texts=["Chelsea the cat", None])
+        for i, refinement in enumerate(refined):
+            _assert_refined(refinement, i)
+        with pytest.raises(ValueError, match="one per image"):
+            sdk.refine([path], alt_texts=["a", "b"])
+        sdk.create_collection("refined")
+        sdk.add("refined", [Item(id="cat", image=path, tags=["mine"], caption="Chelsea the cat")], refine=True)
+        stored = sdk.search("refined", id="cat", top_k=1)  # the only item is left out of its own results
+        assert stored.results == []
+        hit = sdk.search("refined", image=path, top_k=1).results[0]
+        assert hit.tags[0] == "mine" and len(hit.tags) > 1 and hit.attributes["refined"]["model"] == MODEL_NAME
+    async with AsyncClient(lvlm_gateway.url) as sdk:
+        _assert_refined((await sdk.refine(jpeg("coffee")))[0], 0)

@@ -195,3 +195,14 @@ def test_errors_say_what_the_gateway_said(env, photo_files):
     assert bad.returncode == 1 and "labels" in bad.stderr
     absent = cli(env, "tags", "/nonexistent/photo.jpg", check=False)
     assert absent.returncode == 1 and "No such file" in absent.stderr
+
+
+def test_refine_command(lvlm_gateway, photo_files):
+    env = {**os.environ, "HQCLIP_URL": lvlm_gateway.url, "COLUMNS": "200"}
+    out = cli_json(env, "refine", str(photo_files["chelsea"]), str(photo_files["rocket"]),
+                   "--alt-text", "Chelsea the cat", "--alt-text", "launch day")
+    assert [row["image"] for row in out] == [str(photo_files["chelsea"]), str(photo_files["rocket"])]
+    for row in out:
+        assert row["desc"] and row["neg_desc"] and len(row["tags"]) == len(row["neg_tags"]) > 0
+    table = cli(env, "refine", str(photo_files["coffee"])).stdout
+    assert all(field in table for field in ("desc", "neg_desc", "neg_tags", "coffee.jpg"))

@@ -124,3 +124,18 @@ def test_errors_are_shown_as_the_gateway_said_them(page, files):
     page.click("#classify-button")
     expect(page.locator("#error")).to_contain_text("401")
     expect(page.locator("#error")).to_contain_text("field: authorization")
+
+
+def test_refine_shows_the_four_fields_when_an_lvlm_is_configured(browser, lvlm_gateway, files):
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(lvlm_gateway.url + "/")  # no API keys on this gateway: no key needed
+    expect(page.locator("#model-info")).to_contain_text("tagged")
+    page.set_input_files("#image-file", str(files["astronaut"]))
+    page.click("#refine-button")
+    fields = page.locator("#refine-result dt")
+    expect(fields).to_have_count(4, timeout=120_000)
+    assert fields.all_inner_texts() == ["desc", "neg_desc", "tags", "neg_tags"]
+    assert all(text.strip() for text in page.locator("#refine-result dd").all_inner_texts())
+    expect(page.locator("#error")).to_be_hidden()
+    context.close()

@@ -76,7 +76,7 @@ async function loadCollections() {
 
 async function loadRefiner() {
   const ready = await fetch("ready").then((r) => r.json()).catch(() => ({}));
-  $("refine-button").hidden = !ready.refiner;
+  $("refine-button").hidden = !("lvlm" in ready); // reported only when an LVLM is configured
 }
 
 // --- search ---
@@ -149,7 +149,7 @@ async function tags() {
 
 async function refine() {
   await busy($("refine-button"), async () => {
-    const result = await api("v1/refine", { images: [requireImage()] });
+    const result = await api("v1/refine", { input: [{ image: requireImage() }] });
     const refined = result.data[0];
     $("refine-result").replaceChildren(...["desc", "neg_desc", "tags", "neg_tags"].flatMap((field) => [
       element("dt", { textContent: field }),

@@ -24,6 +24,7 @@ from hqclip_client.types import (
     ImageTags,
     Item,
     LabelScore,
+    Refinement,
     SearchHit,
     SearchResult,
     TagScore,
@@ -33,6 +34,6 @@ __all__ = [
     "APIConnectionError", "APIStatusError", "APITimeoutError", "AddResult", "AsyncClient", "AuthenticationError",
     "BadRequestError", "Classification", "Client", "Collection", "ConflictError", "DeleteResult", "Embeddings",
     "HQClipError", "ImageTags", "InternalServerError", "Item", "LabelScore", "NotFoundError", "RateLimitError",
-    "RetryPolicy", "SearchHit", "SearchResult", "ServiceUnavailableError", "TagScore",
+    "Refinement", "RetryPolicy", "SearchHit", "SearchResult", "ServiceUnavailableError", "TagScore",
 ]
 __version__ = "0.1.0"

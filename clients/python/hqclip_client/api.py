@@ -28,6 +28,7 @@ from hqclip_client.types import (
     Embeddings,
     ImageTags,
     Item,
+    Refinement,
     SearchResult,
 )
 
@@ -297,6 +298,28 @@ class Api:
             body["filters"] = {"tags": list(tags or []), "attributes": dict(attributes or {})}
         answer = yield from self._call("POST", f"/v1/collections/{quote(collection, safe='')}/search", json=body)
         return SearchResult.model_validate(answer)
+
+    # --- refinement ---
+    @operation
+    def refine(self, images: ImageInput | Sequence[ImageInput],
+               alt_texts: Sequence[str | None] | None = None) -> Plan[list[Refinement]]:
+        """The LVLM's descriptions, negative descriptions, tags and negative tags of each image; ``alt_texts``
+        (one per image, None for none) are given to the LVLM as a noisy reference. Needs an LVLM on the gateway."""
+        images = _image_list(images)
+        alts = list(alt_texts) if alt_texts is not None else [None] * len(images)
+        if len(alts) != len(images):
+            raise ValueError(f"alt_texts: {len(alts)} given for {len(images)} images; give one per image or none")
+        numbered = ((i, imaging.to_bytes(image)) for i, image in enumerate(images))
+
+        def request(part: list[tuple[int, bytes]]) -> Call:
+            return Call("POST", "/v1/refine", json={"input": [
+                {"image": imaging.b64(data), **({"alt_text": alts[i]} if alts[i] is not None else {})}
+                for i, data in part]})
+
+        parts = chunks(numbered, self.max_items, self.max_request_bytes, lambda pair: _b64_size(pair[1]))
+        answers = yield from self._chunked(parts, request)
+        return [Refinement.model_validate({**row, "index": row["index"] + offset, "model": body["model"]})
+                for offset, body in answers for row in body["data"]]
 
 
 def _embeddings(bodies: list[dict[str, Any]]) -> Embeddings:

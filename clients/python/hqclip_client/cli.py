@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with Client(args.url, api_key=args.api_key, timeout=args.timeout, max_items=args.max_items) as client:
             COMMANDS[args.command](client, args)
-    except (HQClipError, OSError) as exc:
+    except (HQClipError, OSError, ValueError) as exc:
         from rich.text import Text
 
         _console(stderr=True).print(Text("error: ", style="red") + Text(str(exc)), highlight=False)

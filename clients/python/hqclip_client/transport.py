@@ -49,9 +49,10 @@ Plan = Generator[Call | Sleep, Outcome, T]
 class RetryPolicy:
     """Which failures are retried and how long to wait: exponential backoff with jitter, at least Retry-After.
 
-    Retried: 429 and 503 (the gateway's full queue, a backend outage) and failures to connect (the request never
-    arrived). Not retried: other errors, and read timeouts (the work may be running; repeating it doubles the load).
-    A Retry-After above ``max_retry_after`` is not waited for: the error is raised at once.
+    Retried: 429 (the gateway's full queue), 503 with a Retry-After (a backend outage: the gateway says when to
+    come back) and failures to connect (the request never arrived). Not retried: a 503 without Retry-After (the
+    gateway's way of saying something is not configured, e.g. no LVLM), other errors, and read timeouts (the work
+    may be running; repeating it doubles the load). A Retry-After above ``max_retry_after_s`` is not waited for.
     """
 
     max_retries: int = 5
@@ -68,6 +69,8 @@ class RetryPolicy:
             if outcome.status_code not in self.statuses:
                 return None
             asked = retry_after(outcome.headers.get("retry-after"))
+            if outcome.status_code == 503 and asked is None:
+                return None
         elif isinstance(outcome, (httpx.ConnectError, httpx.ConnectTimeout)):
             asked = None
         else:

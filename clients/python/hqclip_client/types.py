@@ -115,3 +115,16 @@ class SearchResult(_Result):
     results: list[SearchHit]
     top_k: int
     offset: int
+
+
+class Refinement(_Result):
+    """The LVLM's four texts for one image (the VLM-150M fields); ``neg_tags[i]`` is the hard negative of
+    ``tags[i]``."""
+
+    index: int
+    desc: list[str]
+    neg_desc: list[str]
+    tags: list[str]
+    neg_tags: list[str]
+    model: str
+    latency_ms: float = 0.0
