@@ -156,6 +156,7 @@ class Collection:
         self._lock_file = lock_file
         self._lock = threading.RLock()
         self._snapshot_lock = threading.Lock()
+        self._closed = False
         self.state = _Counters()
 
     # -- opening and closing -----------------------------------------------------------------------------------
@@ -244,7 +245,10 @@ class Collection:
         """Write a final snapshot (unless told not to), then release the folder."""
         if snapshot:
             self.snapshot()
-        with self._lock:
+        with self._snapshot_lock, self._lock:
+            if self._closed:
+                return
+            self._closed = True
             self._conn.close()
             fcntl.flock(self._lock_file, fcntl.LOCK_UN)
             self._lock_file.close()
@@ -411,7 +415,7 @@ class Collection:
         with self._snapshot_lock:
             with self._lock:
                 seq = self.state.seq
-                if seq == self.state.snapshot_seq:
+                if self._closed or seq == self.state.snapshot_seq:
                     return False
                 tmp = self.path / f".snapshot-{seq}.tmp"
                 out = open(tmp, "wb")
