@@ -52,7 +52,13 @@ async def _refine_all(refiner: RefineClient, images: list[bytes], alt_texts: lis
             raise ApiError(502, f"{param}[{i}]: {exc}; retry the request", param=f"{param}[{i}]",
                            type="upstream_error") from None
 
-    results = await asyncio.gather(*(one(i) for i in range(len(images))))
+    tasks = [asyncio.ensure_future(one(i)) for i in range(len(images))]
+    try:
+        results = await asyncio.gather(*tasks)
+    except BaseException:  # one failed (or the client left): the others' answers would go nowhere
+        for task in tasks:
+            task.cancel()
+        raise
     data = [RefinementData(index=i, latency_ms=round(r.latency_ms, 1), **r.refinement.model_dump())
             for i, r in enumerate(results)]
     return RefineResponse(data=data, model=results[0].model,
