@@ -344,8 +344,6 @@ def build_int8(source: Path, target: Path, calibration: np.ndarray, float_nodes:
                     op_types_to_quantize=list(QUANTIZED_OPS), per_channel=True, activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8, nodes_to_exclude=float_nodes,
                     calibrate_method=CalibrationMethod.MinMax, extra_options={"MatMulConstBOnly": True})
-    for leftover in target.parent.glob("*augmented*"):
-        leftover.unlink()
     return {"float_nodes": float(len(float_nodes))}
 
 
@@ -387,7 +385,8 @@ def export_precision(repo: Path, precision: str, name: str | None = None, data: 
                      console: Console | None = None) -> Manifest:
     """Build, gate and install the ``precision`` variant of model ``name`` in ``repo``; the new manifest.
 
-    ``min_cosine`` defaults to the precision's gate (``MIN_COSINE``). Raises :class:`GateFailed` (nothing written) when the variant misses a gate at every attempt.
+    ``min_cosine`` defaults to the precision's gate (``MIN_COSINE``). Raises :class:`GateFailed`, having written
+    nothing, when the variant misses a gate at every attempt.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
@@ -402,35 +401,11 @@ def export_precision(repo: Path, precision: str, name: str | None = None, data: 
     fp32 = {"image": repo / manifest.image.model / "1" / "model.onnx",
             "text": repo / manifest.text.model / "1" / "model.onnx"}
     reference = Towers(_onnxruntime_tower(fp32["image"], threads), _onnxruntime_tower(fp32["text"], threads))
-    calibration = {"image": parity_data.calibration_pixels, "text": tokenizer(parity_data.calibration_texts)[0]}
     staging = Path(tempfile.mkdtemp(prefix=f".{manifest.name}-{precision}-", dir=repo.parent))
     try:
-        if precision == "bf16":
-            attempts: list[float | None] = [None]
-        else:
-            attempts = list(FLOAT_SHARES)
-            prepared = {tower: _preprocessed(path, staging) for tower, path in fp32.items()}
-            ranking: dict[str, list[str]] = {}
-        for share in attempts:
-            shutil.rmtree(staging / "variant", ignore_errors=True)
-            counts: dict[str, float] = {}
-            paths = {}
-            for tower in ("image", "text"):
-                base = manifest.image.model if tower == "image" else manifest.text.model
-                paths[tower] = _variant_folder(repo, staging / "variant", base, precision)
-                if share is None:
-                    built = build_bf16(fp32[tower], paths[tower])
-                else:
-                    nodes = [n.name for n in _matrix_nodes(onnx.load(str(prepared[tower]), load_external_data=False))]
-                    keep = {nodes[0], nodes[-1]}
-                    if share > 0:
-                        if tower not in ranking:
-                            console.log(f"{manifest.name} int8: measuring the {tower} tower's per-node sensitivity")
-                            ranking[tower] = sensitivity(prepared[tower], calibration[tower], staging)
-                        keep |= set(ranking[tower][:round(share * len(nodes))])
-                    built = build_int8(prepared[tower], paths[tower], calibration[tower], sorted(keep))
-                    built["quantized_nodes"] = float(len(nodes) - len(keep))
-                counts.update({f"{tower}_{k}": v for k, v in built.items()})
+        builder = _Builder(repo, staging, manifest, precision, fp32, parity_data, tokenizer, console)
+        for share in ([None] if precision == "bf16" else FLOAT_SHARES):
+            paths, counts = builder.build(share)
             variant = Towers(tower_runner(paths["image"], precision, threads),
                              tower_runner(paths["text"], precision, threads))
             report = measure(reference, variant, parity_data, tokenizer, min_cosine or MIN_COSINE[precision],
@@ -446,6 +421,41 @@ def export_precision(repo: Path, precision: str, name: str | None = None, data: 
                          + ". Nothing was written; serve fp32 (the default) or try another precision.")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+class _Builder:
+    """Builds both variant towers into ``<staging>/variant``; int8 at a given share of layers kept float."""
+
+    def __init__(self, repo: Path, staging: Path, manifest: Manifest, precision: str, fp32: dict[str, Path],
+                 data: ParityData, tokenizer, console: Console) -> None:
+        self.repo, self.staging, self.manifest, self.precision = repo, staging, manifest, precision
+        self.fp32, self.console = fp32, console
+        self.calibration = {"image": data.calibration_pixels, "text": tokenizer(data.calibration_texts)[0]}
+        self.prepared: dict[str, Path] = {}
+        self.ranking: dict[str, list[str]] = {}
+
+    def build(self, share: float | None) -> tuple[dict[str, Path], dict[str, float]]:
+        shutil.rmtree(self.staging / "variant", ignore_errors=True)
+        paths, counts = {}, {}
+        for tower, fp32_model in (("image", self.manifest.image.model), ("text", self.manifest.text.model)):
+            paths[tower] = _variant_folder(self.repo, self.staging / "variant", fp32_model, self.precision)
+            built = build_bf16(self.fp32[tower], paths[tower]) if share is None else \
+                self._int8(tower, paths[tower], share)
+            counts.update({f"{tower}_{k}": v for k, v in built.items()})
+        return paths, counts
+
+    def _int8(self, tower: str, target: Path, share: float) -> dict[str, float]:
+        if tower not in self.prepared:
+            self.prepared[tower] = _preprocessed(self.fp32[tower], self.staging)
+        nodes = [n.name for n in _matrix_nodes(onnx.load(str(self.prepared[tower]), load_external_data=False))]
+        keep = {nodes[0], nodes[-1]}
+        if share > 0:
+            if tower not in self.ranking:
+                self.console.log(f"{self.manifest.name} int8: measuring the {tower} tower's per-node sensitivity")
+                self.ranking[tower] = sensitivity(self.prepared[tower], self.calibration[tower], self.staging)
+            keep |= set(self.ranking[tower][:round(share * len(nodes))])
+        built = build_int8(self.prepared[tower], target, self.calibration[tower], sorted(keep))
+        return {**built, "quantized_nodes": float(len(nodes) - len(keep))}
 
 
 def _install(repo: Path, staging: Path, manifest: Manifest, precision: str, parity: dict[str, float],
