@@ -45,6 +45,7 @@ def variant_repo(tmp_path_factory, tiny_repo):
     return repo
 
 
+@pytest.mark.slow
 def test_variants_pass_their_gates_and_the_manifest_records_them(variant_repo):
     manifest = load_manifest(variant_repo, "tiny", verify=True)  # checksums of the variant files too
     assert manifest.precision == "fp32"
@@ -66,6 +67,7 @@ def test_variants_pass_their_gates_and_the_manifest_records_them(variant_repo):
     assert int8["image_quantized_nodes"] > 0 and int8["text_quantized_nodes"] > 0
 
 
+@pytest.mark.slow
 def test_int8_is_really_quantized_and_close_on_photos(variant_repo):
     """Independently of the export's own numbers: int8 weights in the graph, cosine >= 0.99 on other photos."""
     import onnx
@@ -85,6 +87,7 @@ def test_int8_is_really_quantized_and_close_on_photos(variant_repo):
     assert not np.array_equal(outputs["tiny_image"], outputs["tiny_image_int8"])
 
 
+@pytest.mark.slow
 def test_a_failing_gate_says_which_and_by_how_much_and_writes_nothing(variant_repo, tmp_path):
     before = snapshot(variant_repo)
     with pytest.raises(GateFailed) as cosine_failure:
@@ -103,11 +106,12 @@ def test_a_failing_gate_says_which_and_by_how_much_and_writes_nothing(variant_re
     assert not list(variant_repo.parent.glob(".tiny-*"))  # no staging folder left behind
 
 
-def test_unknown_precision_is_refused_before_anything_runs(variant_repo):
-    result = subprocess.run([sys.executable, "-m", "services.cli", "export", "--out", str(variant_repo),
+def test_unknown_precision_is_refused_before_anything_runs(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "services.cli", "export", "--out", str(tmp_path),
                              "--precision", "int4"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "int4" in result.stderr and "fp32, bf16, int8" in result.stderr
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.slow

@@ -167,7 +167,7 @@ def _offline_data(preprocess: ImagePreprocessor, max_images: int, max_calibratio
     )
 
 
-def load_parity_data(manifest: Manifest, data: Path | None = DEFAULT_DATA, max_images: int = 512,
+def load_parity_data(manifest: Manifest, data: Path | None = DEFAULT_DATA, max_images: int = 256,
                      max_calibration: int = 64) -> ParityData:
     """The demo held-out set when ``data`` holds it (``hqclip demo build`` makes it), else the offline set."""
     preprocess = ImagePreprocessor(manifest.image, 1 << 30, 1 << 30)
@@ -380,7 +380,7 @@ def requested_variants(precisions: list[str], with_model: bool) -> list[str]:
 
 
 def export_precision(repo: Path, precision: str, name: str | None = None, data: Path | None = DEFAULT_DATA,
-                     max_images: int = 512, max_calibration: int = 64, threads: int = 0,
+                     max_images: int = 256, max_calibration: int = 64, threads: int = 0,
                      min_cosine: float | None = None, max_zero_shot_drop: float = MAX_ZERO_SHOT_DROP,
                      console: Console | None = None) -> Manifest:
     """Build, gate and install the ``precision`` variant of model ``name`` in ``repo``; the new manifest.
