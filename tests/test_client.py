@@ -5,7 +5,6 @@ message, param and status. The pure parts (retry policy, chunking, PNG encoding)
 from __future__ import annotations
 
 import asyncio
-import base64
 import email.utils
 import io
 import re

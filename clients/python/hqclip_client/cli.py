@@ -122,7 +122,8 @@ def _embed(client: Client, args: argparse.Namespace) -> None:
     rows: list[tuple[str, str, list[float], bool]] = []
     if args.text:
         result = client.embed_texts(args.text)
-        rows += [(t, "text", list(map(float, v)), cut) for t, v, cut in zip(args.text, result.vectors, result.truncated)]
+        rows += [(t, "text", list(map(float, v)), cut)
+                 for t, v, cut in zip(args.text, result.vectors, result.truncated)]
     if args.image:
         result = client.embed_images(args.image)
         rows += [(str(p), "image", list(map(float, v)), False) for p, v in zip(args.image, result.vectors)]

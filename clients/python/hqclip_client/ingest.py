@@ -167,12 +167,12 @@ def _add(client: Client, collection: str, items: list[Item], refine: bool | None
             result = client.add(collection, items, refine=refine)
         except BadRequestError as exc:
             where = _ITEM_INDEX.search(exc.param or "")
-            bad = [items[int(where.group(1))]] if where and int(where.group(1)) < len(items) else list(items)
-            for item in bad:  # the gateway's reason, without its "items.image[2]: " (the file names the item)
-                summary.failed[item.id] = exc.message.removeprefix(f"{exc.param}: ")
-            on_progress(len(bad))
-            bad_ids = {item.id for item in bad}
-            items = [item for item in items if item.id not in bad_ids]
+            if not where or int(where.group(1)) >= len(items):
+                raise  # not about one file (e.g. a batch over the gateway's limit): stop, the state keeps what is done
+            bad = items.pop(int(where.group(1)))
+            # the gateway's reason, without its "items.image[2]: " (the file names the item)
+            summary.failed[bad.id] = exc.message.removeprefix(f"{exc.param}: ")
+            on_progress(1)
             continue
         state.record(result.ids)
         on_progress(len(items))
