@@ -316,6 +316,8 @@ def train(cfg: TrainConfig, bundle: ModelBundle | None = None) -> dict:
     """Run (or resume) training; return the last logged metrics. ``bundle`` overrides ``cfg.model.name``."""
     device = _device(cfg)
     env = init_distributed(device.type)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", env.local_rank)
     out = cfg.run.output_dir
     if env.main:
         out.mkdir(parents=True, exist_ok=True)
