@@ -9,8 +9,8 @@ A, B, A, B so the machine's drift hits both alike:
      sampling) to vLLM;
   B. gateway: `concurrency` clients posting one image each to /v1/refine (decode, validate, forward, normalise).
 The ratio B/A is the gateway's cost (target >= 0.95 at concurrency 8). --record writes benchmarks/results-refine.md.
-The tiny model is sampled at temperature 1 (it ends its answers only then), so answer lengths vary: compare the
-totals over all rounds, and run long enough for a few hundred refinements per side.
+The tiny model is sampled at temperature 1 (it ends its answers only then) with a fixed seed, so both paths get the
+very same answers for the same image; compare the totals over all rounds.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from tests.servers.vllm import MODEL_NAME, VllmServer, ensure_setup  # noqa: E40
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 ALT = "a photo"
-SAMPLING = {"temperature": 1.0, "max_tokens": 1024}
+SAMPLING = {"temperature": 1.0, "max_tokens": 1024, "seed": 0}  # seeded: both paths get the same answers
 
 
 async def rate(seconds: float, concurrency: int, post) -> tuple[int, float]:
@@ -93,6 +93,7 @@ def main() -> None:
                    "HQCLIP_LOG_LEVEL": "warning", "HQCLIP_REFINE__URLS": server.url,
                    "HQCLIP_REFINE__TEMPERATURE": str(SAMPLING["temperature"]),
                    "HQCLIP_REFINE__MAX_TOKENS": str(SAMPLING["max_tokens"]),
+                   "HQCLIP_REFINE__SEED": str(SAMPLING["seed"]),
                    "HQCLIP_REFINE__CONCURRENCY": str(args.concurrency)}
             log = tmp / "gateway.log"
             with open(log, "wb") as out:

@@ -85,6 +85,8 @@ class RefineSettings(BaseModel):
     concurrency: int = Field(8, ge=1, description="Requests in flight at once, over all servers.")
     max_tokens: int = Field(1024, ge=16, description="Most tokens one answer may take.")
     temperature: float = Field(0.0, ge=0, description="Sampling temperature; 0 = greedy.")
+    seed: int | None = Field(None, description="Sampling seed (the n-th retry uses seed + n): with a temperature, "
+                             "the same image and prompt give the same answer.")
 
     @field_validator("urls", mode="before")
     @classmethod

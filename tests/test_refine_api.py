@@ -144,3 +144,15 @@ def test_unusable_answers_are_retried_a_bounded_number_of_times(vllm_server):
     with pytest.raises(RefineFailed, match="after 3 attempts.*not JSON"):
         asyncio.run(refine())
     assert vllm_server.requests_done() - before == 3
+
+
+def test_a_seed_makes_sampled_answers_repeatable(vllm_server):
+    async def twice() -> list:
+        client = RefineClient([vllm_server.url], temperature=1.0, seed=7)
+        try:
+            return [(await client.refine(jpeg("rocket"), "launch day")).refinement for _ in range(2)]
+        finally:
+            await client.aclose()
+
+    first, second = asyncio.run(twice())
+    assert first == second

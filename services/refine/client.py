@@ -65,11 +65,12 @@ class RefineClient:
         concurrency: int = 8,
         max_tokens: int = 1024,
         temperature: float = 0.0,
+        seed: int | None = None,
     ) -> None:
         self.urls = [base_url(u) for u in urls]
         self.prompt = prompt or prompts.DEFAULT_PROMPT
         self.retries, self.backoff_s = retries, backoff_s
-        self.max_tokens, self.temperature = max_tokens, temperature
+        self.max_tokens, self.temperature, self.seed = max_tokens, temperature, seed
         self._model = model
         self._turn = itertools.count()
         self._down_until = {url: 0.0 for url in self.urls}
@@ -94,6 +95,7 @@ class RefineClient:
             concurrency=settings.concurrency,
             max_tokens=settings.max_tokens,
             temperature=settings.temperature,
+            seed=settings.seed,
         )
 
     def _order(self) -> list[str]:
@@ -177,6 +179,8 @@ class RefineClient:
             for attempt in range(self.retries + 1):
                 if attempt:
                     await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
+                if self.seed is not None:
+                    payload["seed"] = self.seed + attempt  # a retry of an unusable answer must not repeat it
                 try:
                     url, refinement = await self._complete(payload)
                 except (_Retryable, RefinerUnavailable) as exc:
