@@ -116,6 +116,8 @@ def test_multipart_upload(gw):
     bad = httpx.post(f"{gw.url}/v1/collections/uploads/items/upload", files=files,
                      data={"items": '[{"id": "only one"}]'}, timeout=120)
     error(bad, 400, "items")
+    broken = [files[0], ("files", ("broken.jpg", b"not an image", "image/jpeg"))]
+    error(httpx.post(f"{gw.url}/v1/collections/uploads/items/upload", files=broken, timeout=120), 400, "files[1]")
 
 
 def test_vectors_filters_paging_and_search_by_id(gw, dim):
@@ -165,8 +167,10 @@ def test_bad_requests_name_the_field_and_keep_the_data(gw, dim):
         (("POST", "/v1/collections/strict/items", {"items": [good, good]}), 400, "items"),
         (("POST", "/v1/collections/strict/items", {"items": [{"id": "c", "image": "not base64!!"}]}), 400,
          "items[0].image"),
-        (("POST", "/v1/collections/strict/items", {"items": [{"id": "c", "image": b64(b"plain text")}]}), 400,
-         "items.image[0]"),
+        (("POST", "/v1/collections/strict/items",
+          {"items": [{"id": "t", "text": "fine"}, {"id": "c", "image": b64(b"plain text")}]}), 400, "items[1].image"),
+        (("POST", "/v1/collections/strict/items", {"items": [{"id": "t", "text": "x" * 30_000}]}), 400,
+         "items[0].text"),
         (("POST", "/v1/collections/strict/items", {"items": []}), 400, "items"),
         (("POST", "/v1/collections/strict/items", {"items": [{"id": "c"}]}), 422, "items.0"),
         (("POST", "/v1/collections/strict/items", {"items": [good], "refine": True}), 400, "refine"),

@@ -139,6 +139,15 @@ def _check_model_dim(request: Request, collection: Collection, param: str) -> No
                        f"'{manifest.name}' embeds {manifest.embed_dim}-d; give 'vector' instead", param=param)
 
 
+def _name_item(exc: ApiError, given: str, at: list[int], name: str) -> ApiError:
+    """The engine names "<given>[j]", the j-th input it got: ``name`` the field it came from instead."""
+    if exc.param and exc.param.startswith(f"{given}["):
+        where = name.format(at[int(exc.param[len(given) + 1 :].split("]")[0])])
+        exc.message = exc.message.replace(exc.param, where, 1)
+        exc.param = where
+    return exc
+
+
 def _hit(hit: Hit) -> SearchHit:
     return SearchHit(**hit.__dict__)
 
@@ -220,7 +229,8 @@ async def _refine(request: Request, images: dict[int, bytes], items: list[Item],
 
 
 async def _store(request: Request, collection: Collection, items: list[Item], texts: dict[int, str],
-                 images: dict[int, bytes], vectors: dict[int, np.ndarray], refine: bool | None) -> dict:
+                 images: dict[int, bytes], vectors: dict[int, np.ndarray], refine: bool | None,
+                 image_name: str = "items[{}].image") -> dict:
     """Embed what needs embedding (and refine images), then upsert; answered once the write is durable."""
     engine = engine_of(request)
     if texts or images:
@@ -228,12 +238,19 @@ async def _store(request: Request, collection: Collection, items: list[Item], te
 
     async def run_texts():
         if texts:
-            embedded, _ = await engine.embed_texts(list(texts.values()), param="items.text")
+            try:
+                embedded, _ = await engine.embed_texts(list(texts.values()), param="texts")
+            except ApiError as exc:
+                raise _name_item(exc, "texts", list(texts), "items[{}].text") from None
             vectors.update(zip(texts, embedded))
 
     async def run_images():
         if images:
-            vectors.update(zip(images, await engine.embed_images(list(images.values()), param="items.image")))
+            try:
+                embedded = await engine.embed_images(list(images.values()), param="images")
+            except ApiError as exc:
+                raise _name_item(exc, "images", list(images), image_name) from None
+            vectors.update(zip(images, embedded))
 
     await asyncio.gather(run_texts(), run_images(), _refine(request, images, items, refine))
     matrix = np.stack([vectors[i] for i in range(len(items))])
@@ -294,7 +311,7 @@ async def upload_items(
             first = exc.errors()[0]
             param = f"items[{i}]" + "".join(f".{p}" for p in first["loc"])
             raise ApiError(400, f"{param}: {first['msg']}", param=param) from None
-    return await _store(request, target, parsed, {}, dict(enumerate(data)), {}, refine)
+    return await _store(request, target, parsed, {}, dict(enumerate(data)), {}, refine, image_name="files[{}]")
 
 
 @router.delete("/v1/collections/{collection}/items")
