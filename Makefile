@@ -8,9 +8,9 @@ APT_PACKAGES := tuxpaint-stamps-default fonts-noto-color-emoji chromium
 .PHONY: serve test test-fast venv demo-model apt test-servers clean
 
 # --- environments ---
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[serve,train,dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[serve,train,dev]' -e 'clients/python[cli]'
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -74,12 +74,20 @@ class Engine:
     def queue_depth(self) -> int:
         return sum(b.depth for b in self._batchers.values())
 
+    def _check_fits(self, count: int, param: str) -> None:
+        """A request larger than the whole queue could never be served: 413 now, not a 429 forever."""
+        room = self.settings.batch.queue_size
+        if count > room:
+            raise ApiError(413, f"{param} has {count} items, more than the gateway's queue holds ({room}); "
+                           "split the request", param=param)
+
     async def _in_threads(self, fn, items: list) -> list:
         loop = asyncio.get_running_loop()
         return await asyncio.gather(*(loop.run_in_executor(self._cpu, fn, item) for item in items))
 
     async def embed_texts(self, texts: list[str], param: str = "input") -> tuple[np.ndarray, list[bool]]:
         """L2-normalised embeddings [n, D] and, per text, whether it was truncated to the context length."""
+        self._check_fits(len(texts), param)
         for i, text in enumerate(texts):
             if len(text) > self.settings.limits.max_text_chars:
                 raise ApiError(
@@ -105,6 +113,7 @@ class Engine:
 
     async def embed_images(self, images: list[bytes], param: str = "input") -> np.ndarray:
         """L2-normalised embeddings [n, D] of encoded images (JPEG, PNG, WebP, ...)."""
+        self._check_fits(len(images), param)
         pixels = await self.pixels(images, param)
         self.metrics.items.labels("image").inc(len(images))
         return await self._batchers[self.image_model].submit(pixels)
@@ -118,11 +127,16 @@ class Engine:
         return await self.backend.infer(self.manifest.tags.model, image_embeddings.astype(np.float32))
 
     async def label_embeddings(self, labels: list[str], templates: tuple[str, ...]) -> np.ndarray:
-        """One embedding per label: the normalised mean over its prompts, cached per (label, templates)."""
+        """One embedding per label: the normalised mean over its prompts, cached per (label, templates).
+
+        Prompts go to the batcher a batch at a time, so a thousand labels times seven templates fit any queue."""
         missing = [label for label in dict.fromkeys(labels) if (label, templates) not in self._label_cache]
         if missing:
             prompts = [template.format(label) for label in missing for template in templates]
-            embeddings, _ = await self.embed_texts(prompts, param="labels")
+            step = min(self.settings.batch.max_size, self.settings.batch.queue_size)
+            chunks = [(await self.embed_texts(prompts[i : i + step], param="labels"))[0]
+                      for i in range(0, len(prompts), step)]
+            embeddings = np.concatenate(chunks)
             per_label = embeddings.reshape(len(missing), len(templates), -1).mean(axis=1)
             per_label /= np.linalg.norm(per_label, axis=1, keepdims=True)
             for label, vector in zip(missing, per_label):

@@ -8,6 +8,8 @@ import re
 import httpx
 import pytest
 
+from tests.photos import b64, jpeg
+
 pytestmark = pytest.mark.slow
 
 
@@ -67,3 +69,14 @@ async def test_full_queue_is_429_with_retry_after(gateway_factory):
         assert (await first).status_code == 200
         after = await client.post("/v1/embeddings", json={"model": "tiny", "input": ["d", "e"]})
         assert after.status_code == 200
+        # more than the whole queue could ever hold is the request's fault: 413 naming the field, not 429 forever
+        too_big = await client.post("/v1/embeddings", json={"model": "tiny", "input": list("abcde")})
+        assert too_big.status_code == 413 and too_big.json()["error"]["param"] == "input"
+
+
+def test_classification_prompts_fit_a_small_queue(gateway_factory):
+    """3 labels x 7 default templates = 21 prompts, embedded a batch at a time through a queue of 4."""
+    small = gateway_factory(HQCLIP_BATCH__QUEUE_SIZE="4")
+    body = {"images": [b64(jpeg())], "labels": ["cat", "dog", "yak"]}
+    response = httpx.post(f"{small.url}/v1/classify", json=body, timeout=60)
+    assert response.status_code == 200, response.text

@@ -33,6 +33,7 @@ async def models(request: Request) -> dict:
         "precisions": [manifest.precision, *manifest.variants],
         "tags": len(manifest.tags.vocabulary) if manifest.tags else 0,
         "backend": engine.settings.backend,
+        "limits": engine.settings.limits.model_dump(),
     }
     return {"object": "list", "data": [card]}
 
