@@ -128,7 +128,10 @@ class RefineClient:
     async def model_name(self) -> str:
         """The configured model, else the first one the servers list."""
         if self._model is None:
-            url, response = await self._send("GET", "/models")
+            try:
+                url, response = await self._send("GET", "/models")
+            except httpx.TimeoutException as exc:
+                raise RefinerUnavailable(f"no LVLM server answered /models in time ({type(exc).__name__})") from None
             models = response.json().get("data") if response.status_code == 200 else None
             if not models:
                 raise RefinerUnavailable(f"{url}/models lists no model (HTTP {response.status_code}); "
