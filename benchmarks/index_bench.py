@@ -51,17 +51,20 @@ K = 10
 SWEEPS = {"flat": ("-", [None]), "hnsw": ("ef_search", [64, 128, 256]), "ivfpq": ("nprobe", [16, 32, 64])}
 
 
-def clustered(n: int, seed: int, clusters: int = 1000, spread: float = 0.6, chunk: int = 100_000) -> np.ndarray:
-    """Unit vectors around ``clusters`` random centres (like CLIP embeddings of many topics), made in chunks."""
+def clustered_chunks(n: int, seed: int, clusters: int = 1000, spread: float = 0.6, chunk: int = 10_000):
+    """Unit vectors around ``clusters`` random centres (like CLIP embeddings of many topics), ``chunk`` at a time,
+    so a million of them never sit in memory beside the index built from them."""
     centres = np.random.default_rng(12345).normal(size=(clusters, DIM)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     rng = np.random.default_rng(seed)
-    out = np.empty((n, DIM), dtype=np.float32)
     for start in range(0, n, chunk):
         m = min(chunk, n - start)
         x = centres[rng.integers(0, clusters, m)] + rng.normal(scale=spread / math.sqrt(DIM), size=(m, DIM))
-        out[start : start + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
-    return out
+        yield start, (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def clustered(n: int, seed: int) -> np.ndarray:
+    return np.concatenate([x for _, x in clustered_chunks(n, seed)])
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -72,17 +75,16 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(f[f >= 0]) & set(t)) / len(t) for f, t in zip(found, truth)]))
 
 
-def bench_kind(kind: str, base: np.ndarray, queries: np.ndarray, truth: np.ndarray | None, params: IndexParams,
+def bench_kind(kind: str, n: int, queries: np.ndarray, truth: np.ndarray | None, params: IndexParams,
                path: Path) -> tuple[list[dict], Collection, np.ndarray]:
-    """Build collection ``kind`` at ``path`` from ``base`` (item i has id "v<i>"), snapshot it, search it.
+    """Build collection ``kind`` at ``path`` from ``n`` clustered vectors (item i: id "v<i>"), snapshot, search.
     Without ``truth`` (flat: exact) its own answers are the truth for the other kinds."""
     spec = IndexSpec(**params.model_dump(exclude={"kind"}), kind=kind, dim=DIM)
     gc.collect()
     started = time.perf_counter()
     collection = Collection.create(path, spec)
-    for start in range(0, len(base), 10_000):
-        chunk = range(start, min(len(base), start + 10_000))
-        collection.upsert([Item(id=f"v{i}", tags=[f"t{i % 10}"]) for i in chunk], base[chunk.start : chunk.stop])
+    for start, x in clustered_chunks(n, seed=1):
+        collection.upsert([Item(id=f"v{start + i}", tags=[f"t{(start + i) % 10}"]) for i in range(len(x))], x)
     build_s = time.perf_counter() - started
     collection.snapshot()
     size = sum(f.stat().st_size for f in path.glob("snapshot-*.faiss"))
@@ -97,7 +99,7 @@ def bench_kind(kind: str, base: np.ndarray, queries: np.ndarray, truth: np.ndarr
         elapsed = time.perf_counter() - started
         found = np.array([[int(h.id[1:]) for h in row] + [-1] * (K - len(row)) for row in hits])
         truth = found if truth is None else truth
-        rows.append({"kind": kind, "n": len(base), "knob": f"{knob}={value}" if knob != "-" else "exact",
+        rows.append({"kind": kind, "n": n, "knob": f"{knob}={value}" if knob != "-" else "exact",
                      "build_s": build_s, "memory_mb": size / 2**20, "recall": recall(found, truth),
                      "qps": len(queries) / elapsed})
         print(rows[-1], flush=True)
@@ -213,10 +215,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="index-bench-"))
     index_rows, skipped, hnsw_build, direct = [], [], {}, {}
     for n in args.sizes:
-        base = clustered(n, seed=1)
         truth = None  # flat (exact) runs first and gives it; without flat, faiss.knn does
         if "flat" not in args.kinds:
-            _, truth = faiss.knn(queries, base, K, metric=faiss.METRIC_INNER_PRODUCT)
+            _, truth = faiss.knn(queries, clustered(n, seed=1), K, metric=faiss.METRIC_INNER_PRODUCT)
         for kind in sorted(args.kinds, key=lambda k: k != "flat"):
             if kind == "hnsw" and n > args.hnsw_max:
                 if hnsw_build:
@@ -226,7 +227,7 @@ def main() -> None:
                                    f"about {estimate / 60:.0f} min here (n log n); use ivfpq at this size.")
                 continue
             path = work / str(n) / kind
-            rows, collection, found = bench_kind(kind, base, queries, truth, params, path)
+            rows, collection, found = bench_kind(kind, n, queries, truth, params, path)
             truth = found if kind == "flat" else truth
             index_rows += rows
             if kind == "hnsw":
@@ -237,8 +238,7 @@ def main() -> None:
             else:
                 shutil.rmtree(path)
             del collection
-        del base
-        gc.collect()
+            gc.collect()
     http_rows = http_vs_direct(work / str(args.http_size), direct, args.repo, args.rounds) if direct else []
     shutil.rmtree(work)
     text = report(index_rows, http_rows, skipped, args)
