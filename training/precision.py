@@ -411,11 +411,12 @@ def export_precision(repo: Path, precision: str, name: str | None = None, data: 
             report = measure(reference, variant, parity_data, tokenizer, min_cosine or MIN_COSINE[precision],
                              max_zero_shot_drop)
             attempt = "" if share is None else f" ({share:.0%} of the most sensitive matrix layers kept float)"
+            numbers = ", ".join(f"{k}={v:.4g}" for k, v in report.parity.items())
             if not report.failures:
-                console.log(f"{manifest.name} {precision}: passed{attempt}: "
-                            + ", ".join(f"{k}={v:.4g}" for k, v in report.parity.items()))
+                console.log(f"{manifest.name} {precision}: passed{attempt}: {numbers}")
                 return _install(repo, staging, manifest, precision, {**report.parity, **counts}, parity_data.source)
-            console.log(f"{manifest.name} {precision}: failed{attempt}: " + "; ".join(report.failures))
+            console.log(f"{manifest.name} {precision}: failed{attempt}: " + "; ".join(report.failures)
+                        + f" ({numbers})")
         raise GateFailed(f"{manifest.name}: the {precision} variant failed its parity gates on "
                          f"{parity_data.source}: " + "; ".join(report.failures)
                          + ". Nothing was written; serve fp32 (the default) or try another precision.")

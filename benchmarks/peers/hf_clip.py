@@ -25,7 +25,9 @@ def build(folder: Path) -> Path:
     if (folder / "model.safetensors").is_file():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = SimpleTokenizer().encoder
+    # open_clip names the special tokens <start_of_text> / <end_of_text>; Hugging Face's CLIP tokenizer <|...|>
+    renamed = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    vocab = {renamed.get(token, token): index for token, index in SimpleTokenizer().encoder.items()}
     merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
