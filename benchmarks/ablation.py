@@ -1,6 +1,6 @@
 """Ablation of the HQ-CLIP objective on the demo data: plain CLIP vs +HNI vs +STC vs both.
 
-    python benchmarks/ablation.py [--seeds 3] [--json benchmarks/ablation-results.json] [section.field=value ...]
+    python benchmarks/ablation.py [--seeds 3] [--jobs 2] [--json benchmarks/ablation-results.json] [section.field=value ...]
 
 Same data (the demo's Tux Paint + emoji training split), same model (frozen EfficientNet-Lite0 and MiniLM
 towers, trained projections; training/cached.py), same steps and settings (training/demo.py's
@@ -33,35 +33,49 @@ COLUMNS = {"zeroshot_top1": "zero-shot top-1", "alt_i2t_R@1": "I→T R@1", "alt_
            "hardneg_acc_tags": "hard-neg acc (tags)"}
 
 
-def run(seeds: int, work: Path, overrides: list[str]) -> dict:
+def _one(task: tuple) -> dict:
+    """Train and evaluate one (variant, seed) in this process (a worker of --jobs)."""
     import torch
 
     from training.cached import Features, evaluate_heads, train_heads
-    from training.demo import build_data, build_features, demo_config
+    from training.demo import demo_config
     from training.demo_model import EMBED_DIM
+
+    paths, templates, overrides, hni, stc, seed = task
+    torch.set_num_threads(1)  # small matmuls: a second thread waits more than it helps on busy cores
+    cfg = demo_config([*overrides, f"loss.lambda_hni={hni}", f"loss.lambda_stc={stc}", f"run.seed={seed}"])
+    started = time.perf_counter()
+    heads, vocab, _ = train_heads(Features.load(paths["train"]), cfg, EMBED_DIM, progress=False)
+    metrics = evaluate_heads(heads, Features.load(paths["heldout"]), templates, vocab)
+    return metrics | {"train_s": time.perf_counter() - started, "steps": cfg.optim.steps}
+
+
+def run(seeds: int, work: Path, overrides: list[str], jobs: int = 1) -> dict:
+    from concurrent.futures import ProcessPoolExecutor
+
+    from training.cached import Features
+    from training.demo import build_data, build_features, demo_config
 
     data = build_data(work)
     paths = build_features(work, data)
-    classes = json.loads((data / "classes.json").read_text())
-    train, heldout = Features.load(paths["train"]), Features.load(paths["heldout"])
-    torch.set_num_threads(1)  # small matmuls: a second thread waits more than it helps on busy cores
-    results: dict = {"variants": {}, "seeds": list(range(seeds)), "overrides": overrides,
-                     "train_images": len(train.keys), "heldout_images": len(heldout.keys)}
+    templates = json.loads((data / "classes.json").read_text())["templates"]
     defaults = demo_config(overrides).loss
+    tasks = {}
     for name, (use_hni, use_stc) in VARIANTS.items():
         hni, stc = defaults.lambda_hni * use_hni, defaults.lambda_stc * use_stc
-        runs = []
         for seed in range(seeds):
-            cfg = demo_config([*overrides, f"loss.lambda_hni={hni}", f"loss.lambda_stc={stc}", f"run.seed={seed}"])
-            started = time.perf_counter()
-            heads, vocab, _ = train_heads(train, cfg, EMBED_DIM, progress=False)
-            metrics = evaluate_heads(heads, heldout, classes["templates"], vocab)
-            metrics["train_s"] = time.perf_counter() - started
-            runs.append(metrics)
-            print(f"{name} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()
-                                                      if isinstance(v, float)), file=sys.stderr)
-        results["variants"][name] = {"lambda_hni": hni, "lambda_stc": stc, "runs": runs}
-        results["steps"] = cfg.optim.steps
+            tasks[(name, seed)] = (paths, templates, overrides, hni, stc, seed)
+    with ProcessPoolExecutor(jobs) as pool:
+        outcomes = dict(zip(tasks, pool.map(_one, tasks.values())))
+    results: dict = {"variants": {}, "seeds": list(range(seeds)), "overrides": overrides,
+                     "train_images": len(Features.load(paths["train"]).keys),
+                     "heldout_images": len(Features.load(paths["heldout"]).keys)}
+    for (name, seed), metrics in outcomes.items():
+        hni, stc = tasks[(name, seed)][3:5]
+        variant = results["variants"].setdefault(name, {"lambda_hni": hni, "lambda_stc": stc, "runs": []})
+        variant["runs"].append(metrics)
+        print(f"{name} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()
+                                                  if isinstance(v, float)), file=sys.stderr)
     return results
 
 
@@ -82,9 +96,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=3, help="Seeds per variant (0..N-1).")
     parser.add_argument("--work", type=Path, default=ROOT / "build" / "demo", help="Demo data and features.")
     parser.add_argument("--json", type=Path, default=None, help="Also write every run's metrics here.")
+    parser.add_argument("--jobs", type=int, default=1, help="Runs in parallel processes (one thread each).")
     parser.add_argument("overrides", nargs="*", help="Training overrides for every run, e.g. optim.steps=500")
     args = parser.parse_args(argv)
-    results = run(args.seeds, args.work, args.overrides)
+    results = run(args.seeds, args.work, args.overrides, args.jobs)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
     print(to_markdown(results))

@@ -146,6 +146,7 @@ def test_subjects_from_captions():
     assert parse_subject("Tankers carry bulk liquids.", "tanker").phrase == "tanker"
     assert parse_subject("An apple.", "a").spoken() == "an apple"
     assert parse_subject("A yak.", "y").recounted().spoken() == "two yaks"
+    assert parse_subject("A spider playing soccer.", "s").recounted().spoken() == "two spiders playing soccer"
 
 
 def test_annotations_have_aligned_distinct_negatives():

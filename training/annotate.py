@@ -61,15 +61,13 @@ class Subject:
         if (count == 1) == (self.count == 1):
             return Subject(self.phrase, self.noun, count)
         noun = singular(self.noun) if count == 1 else plural(self.noun)
-        return Subject(_replace_last(self.phrase, noun), noun, count)
+        words = self.phrase.split()
+        words[words.index(self.noun)] = noun  # the head noun, wherever it stands ("spiders playing soccer")
+        return Subject(" ".join(words), noun, count)
 
     def recounted(self) -> Subject:
         """The same object, another count: one becomes two, several become one."""
         return self.with_count(2 if self.count == 1 else 1)
-
-
-def _replace_last(phrase: str, word: str) -> str:
-    return " ".join(phrase.split()[:-1] + [word])
 
 
 def plural(noun: str) -> str:
