@@ -74,12 +74,15 @@ def export(
             tensorrt=tensorrt, tensorrt_precision=tensorrt_precision)
         name = export_checkpoint(model, pretrained, out=out, name=name, max_batch_size=max_batch_size, opset=opset,
                                  triton=triton).name.removesuffix(".manifest.json")
-    for variant in variants:
+    failed = False
+    for variant in variants:  # each variant passes or fails on its own; any failure makes the exit status 1
         try:
             export_precision(out, variant, name=name, data=eval_data)
         except GateFailed as exc:
             typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(1) from None
+            failed = True
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command()

