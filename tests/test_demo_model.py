@@ -276,6 +276,7 @@ def test_cached_step_equals_the_training_loop_step(demo_model, small_shard):
         torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_train_heads_learns_and_is_seeded(demo_model, small_shard):
     from open_clip.transform import image_transform
 
