@@ -5,6 +5,7 @@ Needs the Debian packages tuxpaint-stamps-default and fonts-noto-color-emoji (`m
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -209,7 +210,7 @@ def test_sources_and_samples_in_the_training_format():
     assert len(chosen) == 5
     for source, image, meta in annotated_samples(chosen):
         assert image.size == (SIZE, SIZE) and image.mode == "RGB"
-        buffer = __import__("io").BytesIO()
+        buffer = io.BytesIO()
         image.save(buffer, format="JPEG")
         sample = decode_sample({"__key__": source.key, "jpg": buffer.getvalue(), "json": json.dumps(meta).encode()})
         assert sample.alt == source.caption and sample.desc and sample.neg_desc != sample.desc
