@@ -45,20 +45,23 @@ def synthetic_batch(tokenizer, batch_size: int, image_size: int, vocab: int) -> 
     }
 
 
-def make_steps(bundle, vocab: int, freeze_text: bool) -> dict[str, TrainStep]:
+def make_steps(bundle, vocab: int, freeze_text: bool, device: torch.device) -> dict[str, TrainStep]:
     """One TrainStep per variant on the same model. They share one AdamW (a variant without the tag head
     leaves it without gradients, which AdamW skips), so a ViT-B model needs one optimizer state, not four."""
     frozen = freeze_towers(bundle.model, image=False, text=freeze_text)
     embed_dim = bundle.model.encode_text(bundle.tokenizer([""])).shape[-1]
-    head = TagHead(embed_dim, vocab)
+    head = TagHead(embed_dim, vocab).to(device)
+    bundle.model.to(device)
+    # the loop's precision: bf16 autocast on GPU, fp32 on CPU
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     optimizer = torch.optim.AdamW(param_groups(HQCLIPModel(bundle.model, head), 0.2), lr=1e-5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     steps = {}
     for name, cfg in VARIANTS.items():
         module = HQCLIPModel(bundle.model, head if cfg.lambda_stc > 0 else None, cfg.negative_text_grad)
         loss = HQCLIPLoss(cfg.lambda_hni, cfg.lambda_stc, cfg.hni_mode, cfg.stc_reduction)
-        steps[name] = TrainStep(module, module, loss, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False),
-                                nullcontext(), 1.0, frozen, torch.device("cpu"))
+        steps[name] = TrainStep(module, module, loss, optimizer, scheduler,
+                                torch.amp.GradScaler(device.type, enabled=False), autocast, 1.0, frozen, device)
     return steps
 
 
@@ -70,16 +73,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--freeze-text", action="store_true", help="LiT-style: text tower frozen")
+    parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
 
     bundle = load_bundle(args.model)
     image_size = bundle.model.visual.image_size
     image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
     batch = synthetic_batch(bundle.tokenizer, args.batch_size, image_size, args.vocab)
-    steps = make_steps(bundle, args.vocab, args.freeze_text)
-    for step in steps.values():  # warm-up (allocator, AdamW state)
+    steps = make_steps(bundle, args.vocab, args.freeze_text, device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for step in steps.values():  # warm-up (allocator, AdamW state, kernels)
         step(batch)
+    sync()
     rates: dict[str, list[float]] = {name: [] for name in steps}
     cpu_rates: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.rounds):
@@ -87,12 +94,14 @@ def main() -> None:
             started, cpu_started = time.perf_counter(), time.process_time()
             for _ in range(args.steps):
                 step(batch)
+            sync()
             rates[name].append(args.batch_size * args.steps / (time.perf_counter() - started))
             cpu_rates[name].append(args.batch_size * args.steps / (time.process_time() - cpu_started))
     base = statistics.median(rates["contrastive"])
     cpu_base = statistics.median(cpu_rates["contrastive"])
     setup = (f"{args.model} (random init), batch {args.batch_size}, tag vocabulary {args.vocab}, "
-             f"{'text tower frozen, ' if args.freeze_text else ''}fp32 on {torch.get_num_threads()} CPU threads, "
+             f"{'text tower frozen, ' if args.freeze_text else ''}"
+             f"{torch.cuda.get_device_name() + ', bf16 autocast' if device.type == 'cuda' else f'fp32 on {torch.get_num_threads()} CPU threads'}, "
              f"median of {args.rounds} interleaved rounds x {args.steps} steps")
     lines = [f"Setup: {setup}.", "",
              "| objective | samples/s (median) | rounds | vs contrastive | samples per CPU-second | vs contrastive |",
