@@ -8,17 +8,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import onnxruntime
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
+from services.manifest import load_manifest
+from services.tokenizer import load_tokenizer
 from tests.shards import write_shards
 from training.config import load_config
 from training.losses import HQCLIPLoss
 from training.tag_head import TagHead
-from training.train import HQCLIPModel, freeze_towers, load_bundle, train
+from training.train import HQCLIPModel, freeze_towers, load_bundle, load_trained, train
 
 ROOT = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH = 6
@@ -205,6 +208,21 @@ def test_torchrun_train_then_eval_commands(tiny_checkpoint, shards, tmp_path):
                 "zeroshot_top1"):
         assert 0.0 <= results[key] <= 1.0, key
     assert "| tag_mAP |" in (tmp_path / "eval.md").read_text() and "| tag_mAP |" in result.stdout
+
+    # train -> export: the checkpoint's weights, tag head and vocabulary reach the model repository
+    result = _run(hqclip, "export", str(checkpoint), "--out", str(tmp_path / "repo"), "--name", "trained")
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = load_manifest(tmp_path / "repo", "trained", verify=True)
+    bundle, head, vocab = load_trained(checkpoint)
+    assert manifest.tags is not None and manifest.tags.vocabulary == vocab.tags
+    assert manifest.weights.startswith(f"hqclip train checkpoint {checkpoint.name}")
+    texts = ["a photo of a cat", "an astronaut"]
+    ids, _ = load_tokenizer(manifest.text.tokenizer, tmp_path / "repo")(texts)
+    session = onnxruntime.InferenceSession(str(tmp_path / "repo" / "trained_text" / "1" / "model.onnx"))
+    exported = session.run(None, {manifest.text.input: ids})[0]
+    with torch.no_grad():
+        trained = torch.nn.functional.normalize(bundle.model.encode_text(bundle.tokenizer(texts)), dim=-1).numpy()
+    assert (exported * trained).sum(1).min() >= 0.9999
 
 
 def test_eval_on_a_folder_of_labelled_images(tiny_checkpoint, tmp_path):

@@ -28,7 +28,7 @@ from torch import nn
 
 from services.manifest import MANIFEST_SUFFIX, ImageSpec, Manifest, TagSpec, TextSpec, TokenizerSpec, sha256_file
 from services.tokenizer import load_tokenizer
-from training.models import TokenizerInfo, load_model, logit_scale_and_bias
+from training.models import TokenizerInfo, load_model, logit_scale_and_bias, tokenizer_info
 from training.onnx_towers import (EMBEDDINGS_OUTPUT, IMAGE_INPUT, TAGS_INPUT, TAGS_OUTPUT, TEXT_INPUT, ImageTower,
                                   TagTower, TextTower)
 from training.triton_config import Tensor, TritonOptions, write_triton_config
@@ -241,8 +241,24 @@ def export_model(
 def export_checkpoint(model: str, pretrained: str | None = None, *, out: Path, name: str | None = None,
                       max_batch_size: int = 32, opset: int = DEFAULT_OPSET,
                       triton: TritonOptions = TritonOptions()) -> Path:
-    """Load ``model`` (an open_clip name, a checkpoint folder or ``hf-hub:`` id) and export it; the manifest path."""
+    """Load ``model`` (an open_clip name, a checkpoint folder, an ``hqclip train`` checkpoint file or an
+    ``hf-hub:`` id) and export it, with its tag head when it has one; the manifest path."""
+    options = {"max_batch_size": max_batch_size, "opset": opset, "triton": triton}
+    if Path(model).is_file():
+        return _export_trained(Path(model), out, name, options)
     loaded = load_model(model, pretrained)
     return export_model(loaded.model, loaded.preprocess_cfg, loaded.tokenizer, out, name or default_name(model),
-                        loaded.weights, architecture=loaded.architecture, max_batch_size=max_batch_size, opset=opset,
-                        triton=triton)
+                        loaded.weights, architecture=loaded.architecture, **options)
+
+
+def _export_trained(path: Path, out: Path, name: str | None, options: dict) -> Path:
+    """An ``hqclip train`` checkpoint: the trained model, its short-tag head and the tag vocabulary."""
+    import open_clip
+
+    from training.train import load_trained
+
+    bundle, head, vocab = load_trained(path)
+    weights = f"hqclip train checkpoint {path.name} sha256:{sha256_file(path)[:16]}"
+    return export_model(bundle.model, open_clip.get_model_preprocess_cfg(bundle.model),
+                        tokenizer_info(bundle.tokenizer), out, name or default_name(path.stem), weights, head,
+                        vocab.tags if vocab else None, architecture="hqclip train checkpoint", **options)
