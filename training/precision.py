@@ -7,9 +7,10 @@ and checked against torch by training/export.py), so it needs no torch and works
   bf16 on the CPU's matrix units (services/backends/openvino.py). ONNX Runtime's CPU provider has almost no bf16
   kernels; docs/precision.md has the measurements.
 - **int8**: ONNX Runtime static quantization, QDQ format, per-channel int8 weights, uint8 activations calibrated
-  on real photos and texts. The first and last matrix layers of each tower stay float; when a gate fails, the
-  layers whose inputs lose most to quantization (lowest signal-to-quantization-noise ratio, measured per node on
-  the calibration data) are kept in float too, a growing share at a time (``FLOAT_SHARES``), until the gates pass.
+  on real photos and texts. The first and last matrix layers of each tower and depthwise convolutions stay
+  float; when a gate fails, the layers whose inputs lose most to quantization (lowest signal-to-quantization-noise
+  ratio, measured per node on the calibration data) are kept in float too, a growing share at a time
+  (``FLOAT_SHARES``), until the gates pass.
 
 Gates, on real photos and texts never used for calibration (``ParityData``): mean cosine of each tower's
 embeddings to fp32 (``MIN_COSINE``) and zero-shot accuracy no more than ``MAX_ZERO_SHOT_DROP`` points below fp32.
@@ -298,6 +299,12 @@ class _Reader:
         return next(self._batches, None)
 
 
+def _depthwise(nodes: list[onnx.NodeProto]) -> list[str]:
+    """Depthwise convolutions (group > 1): one small kernel per channel, batch norm folded in; quantizing them
+    costs EfficientNet-Lite0 0.06 of cosine (docs/precision.md), so they always stay float."""
+    return [n.name for n in nodes if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+
+
 def _matrix_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """Nodes int8 would quantize (a weight matrix as input), in graph order."""
     weights = {i.name for i in model.graph.initializer}
@@ -448,8 +455,9 @@ class _Builder:
     def _int8(self, tower: str, target: Path, share: float) -> dict[str, float]:
         if tower not in self.prepared:
             self.prepared[tower] = _preprocessed(self.fp32[tower], self.staging)
-        nodes = [n.name for n in _matrix_nodes(onnx.load(str(self.prepared[tower]), load_external_data=False))]
-        keep = {nodes[0], nodes[-1]}
+        matrix_nodes = _matrix_nodes(onnx.load(str(self.prepared[tower]), load_external_data=False))
+        nodes = [n.name for n in matrix_nodes]
+        keep = {nodes[0], nodes[-1], *_depthwise(matrix_nodes)}
         if share > 0:
             if tower not in self.ranking:
                 self.console.log(f"{self.manifest.name} int8: measuring the {tower} tower's per-node sensitivity")
