@@ -7,7 +7,7 @@ Part 1, per size and kind, a collection built through the store (services/index/
 build time (durable upserts in batches of 10k: SQLite metadata + WAL, FAISS adds, and for ivfpq the training they
 trigger), the snapshot's size (what the index takes in memory), recall@10 against exact search (flat's answers) and
 queries/s for a batch of queries through ``Collection.search`` (FAISS + the hits' metadata); the search-time knob
-(hnsw ef_search, ivfpq nprobe) is swept. hnsw is built up to ``--hnsw-max`` vectors only: on 2 shared cores its
+(hnsw ef_search, ivfpq rerank) is swept. hnsw is built up to ``--hnsw-max`` vectors only: on 2 shared cores its
 build grows past an hour at 1M; past it the report gives an estimate.
 
 Part 2, at ``--http-size``: those collections, loaded by a real gateway (uvicorn subprocess), queried one at a time
@@ -48,7 +48,7 @@ from tests.conftest import free_port, wait_until_healthy  # noqa: E402
 
 DIM = 512
 K = 10
-SWEEPS = {"flat": ("-", [None]), "hnsw": ("ef_search", [64, 128, 256]), "ivfpq": ("nprobe", [16, 32, 64])}
+SWEEPS = {"flat": ("-", [None]), "hnsw": ("ef_search", [64, 128, 256]), "ivfpq": ("rerank", [10, 50, 100])}
 
 
 def clustered_chunks(n: int, seed: int, clusters: int = 1000, spread: float = 0.6, chunk: int = 10_000):

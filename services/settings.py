@@ -56,7 +56,7 @@ class IndexParams(BaseModel):
     nlist: int = Field(1024, ge=1, description="ivfpq: inverted lists; trained once 40 x max(nlist, 256) items.")
     pq_m: int = Field(64, ge=1, description="ivfpq: PQ sub-quantizers (lowered to a divisor of the dimension).")
     nprobe: int = Field(32, ge=1, description="ivfpq: lists visited per query.")
-    rerank: int = Field(10, ge=1, description="ivfpq: candidates per wanted result, re-ranked exactly.")
+    rerank: int = Field(50, ge=1, description="ivfpq: candidates per wanted result, re-ranked exactly.")
 
 
 class IndexSettings(IndexParams):

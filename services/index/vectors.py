@@ -28,6 +28,8 @@ from services.settings import IndexParams
 TRAIN_POINTS_PER_CENTROID = 40
 PQ_BITS = 8
 PQ_CODES = 1 << PQ_BITS
+MAX_CANDIDATES = 10_000  # ivfpq re-ranks at most this many per query (deep pages would otherwise copy gigabytes)
+GPU_MAX_K = 2048  # FAISS GPU indexes return at most this many neighbours per query
 
 
 class IndexSpec(IndexParams):
@@ -275,8 +277,8 @@ class IvfPqVectors(Vectors):
         if self.ivf is None:
             params = faiss.SearchParameters(sel=_selector(allowed)) if allowed is not None else None
             return self.exact.search(x, k, params=params)
-        wanted = k * self.spec.rerank
-        if allowed is None and self.gpu is not None:
+        wanted = max(k, min(k * self.spec.rerank, MAX_CANDIDATES))
+        if allowed is None and self.gpu is not None and wanted <= GPU_MAX_K:
             gpu_index = self._on_gpu(self.ivf)
             gpu_index.nprobe = self.spec.nprobe
             _, candidates = gpu_index.search(x, wanted)
