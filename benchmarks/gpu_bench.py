@@ -29,7 +29,6 @@ import argparse
 import datetime as dt
 import json
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable

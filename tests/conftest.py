@@ -26,20 +26,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_until_healthy(url: str, process: subprocess.Popen, log: Path, path: str = "/health") -> None:
-    """Poll until the server answers (a readiness poll, not a sleep): fail with its log if it dies or hangs."""
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+def _tail(log: Path) -> str:
+    return log.read_bytes()[-4000:].decode("utf-8", errors="replace")
+
+
+def wait_until_healthy(url: str, process: subprocess.Popen, log: Path, path: str = "/health",
+                       timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+    """Poll until the server answers (a readiness poll, not a sleep): fail with its log if it dies or hangs.
+    Stopping a server that hangs is the caller's (its fixture's teardown)."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+            raise RuntimeError(f"{process.args} exited with {process.returncode}:\n{_tail(log)}")
         try:
             if httpx.get(url + path, timeout=2).status_code == 200:
                 return
         except httpx.TransportError:
             pass
         time.sleep(0.1)
-    process.kill()
-    raise RuntimeError(f"server not healthy after {STARTUP_TIMEOUT_S}s:\n{log.read_text()[-4000:]}")
+    raise RuntimeError(f"{process.args} not healthy after {timeout_s:g}s:\n{_tail(log)}")
 
 
 @dataclass
@@ -140,7 +145,7 @@ def gateway_factory(tmp_path_factory, tiny_repo):
             process = subprocess.Popen([sys.executable, "-m", "services.cli", "serve"], cwd=ROOT, env=full_env,
                                        stdout=out, stderr=subprocess.STDOUT)
         gateway = Gateway(f"http://127.0.0.1:{port}", process, full_env, log)
-        started.append(gateway)
+        started.append(gateway)  # stopped at the end, also when it never becomes healthy
         wait_until_healthy(gateway.url, process, log)
         return gateway
 

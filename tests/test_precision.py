@@ -126,6 +126,7 @@ def test_gateway_serves_the_precision_it_is_told_fp32_by_default(gateway_factory
         card = httpx.get(f"{gateway.url}/v1/models", timeout=30).json()["data"][0]
         assert card["precision"] == ("fp32" if precision == "default" else precision)
         assert set(card["precisions"]) == {"fp32", "bf16", "int8"}
+        assert card["backend"] == ("openvino" if precision == "bf16" else "onnxruntime")
         assert httpx.get(f"{gateway.url}/ready", timeout=60).status_code == 200
         vectors = []
         for modality, inputs in (("image", images), ("text", TEXTS)):

@@ -19,6 +19,8 @@ class Backend(ABC):
     Pre- and post-processing (decoding, tokenizing) happen outside, in the engine.
     """
 
+    name: str  # the runtime, as /v1/models reports it
+
     @abstractmethod
     async def infer(self, model: str, inputs: np.ndarray) -> np.ndarray: ...
 

@@ -14,6 +14,8 @@ from services.settings import Settings
 
 
 class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
     def __init__(self, settings: Settings, manifest: Manifest) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = settings.ort_threads

@@ -34,6 +34,8 @@ def compile_model(core: ov.Core, path: Path, precision: str, threads: int = 0) -
 
 
 class OpenVinoBackend(Backend):
+    name = "openvino"
+
     def __init__(self, settings: Settings, manifest: Manifest) -> None:
         core = ov.Core()
         towers = manifest.towers(settings.precision)

@@ -28,6 +28,8 @@ _CHANNEL_ARGS = [
 
 
 class TritonBackend(Backend):
+    name = "triton"
+
     def __init__(self, settings: Settings, manifest: Manifest) -> None:
         self._settings = settings.triton
         image, text = manifest.towers(settings.precision)

@@ -32,7 +32,7 @@ async def models(request: Request) -> dict:
         "precision": engine.settings.precision,
         "precisions": [manifest.precision, *manifest.variants],
         "tags": len(manifest.tags.vocabulary) if manifest.tags else 0,
-        "backend": engine.settings.backend,
+        "backend": engine.backend.name,
         "limits": engine.settings.limits.model_dump(),
     }
     return {"object": "list", "data": [card]}

@@ -9,25 +9,19 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.conftest import free_port, wait_until_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLM = ROOT / "build" / "venvs" / "vllm" / "bin" / "vllm"
 MODEL = ROOT / "build" / "tiny-vlm"
 MODEL_NAME = "tiny-vlm"
 STARTUP_TIMEOUT_S = 600  # about 30-60 s alone; two at once on 2 busy cores take longer
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def ensure_setup() -> None:
@@ -39,7 +33,7 @@ class VllmServer:
     """One `vllm serve` process group (API server, engine core, worker) on a free port of 127.0.0.1."""
 
     def __init__(self, log: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.log = log
         self.url = f"http://127.0.0.1:{self.port}/v1"
         env = {
@@ -61,21 +55,11 @@ class VllmServer:
 
     def wait_ready(self) -> None:
         """Poll /health until it answers (not a sleep): fail with the log when the server dies or hangs."""
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {self.process.returncode}:\n{self._log_tail()}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        self.kill()
-        raise RuntimeError(f"vllm serve not healthy after {STARTUP_TIMEOUT_S}s:\n{self._log_tail()}")
-
-    def _log_tail(self) -> str:
-        return self.log.read_bytes()[-6000:].decode("utf-8", errors="replace")
+        try:
+            wait_until_healthy(f"http://127.0.0.1:{self.port}", self.process, self.log, timeout_s=STARTUP_TIMEOUT_S)
+        except RuntimeError:
+            self.kill()
+            raise
 
     def requests_done(self) -> int:
         """Chat completions this server answered to the end (not aborted by a client gone), from its metrics."""
