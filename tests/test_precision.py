@@ -150,3 +150,15 @@ def test_gateway_refuses_a_precision_that_was_not_exported(gateway_factory, tiny
     log = " ".join(str(failure.value).split())  # the traceback wraps long lines
     assert "no int8 variant" in log and "hqclip export --precision int8" in log
     assert load_manifest(tiny_repo, "tiny").variants == {}
+
+
+@pytest.mark.slow
+def test_reexporting_fp32_clears_the_old_variants(variant_repo, tiny_checkpoint, tmp_path):
+    """New fp32 towers make the old variants stale: they leave with the old towers (Triton would load them)."""
+    from training.export import export_checkpoint
+
+    repo = tmp_path / "repo"
+    shutil.copytree(variant_repo, repo)
+    export_checkpoint(str(tiny_checkpoint), out=repo, name="tiny")
+    assert load_manifest(repo, "tiny", verify=True).variants == {}
+    assert sorted(p.name for p in repo.iterdir()) == ["tiny.manifest.json", "tiny_image", "tiny_text"]

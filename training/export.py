@@ -129,12 +129,18 @@ def _versions() -> dict[str, str]:
 def _install(staging: Path, out: Path, name: str) -> None:
     """Move the built model into ``out``: towers first, the manifest (what services read) last.
 
-    Whatever this model had there before (including a tag head the new export lacks) goes to the trash.
+    Whatever this model had there before (a tag head the new export lacks, the precision variants of the old
+    towers) goes to the trash.
     """
     out.mkdir(parents=True, exist_ok=True)
     trash = staging / ".replaced"
     trash.mkdir()
-    for folder in (f"{name}_image", f"{name}_text", f"{name}_tags"):
+    previous = out / f"{name}{MANIFEST_SUFFIX}"
+    variants = []
+    if previous.is_file():
+        old = Manifest.model_validate_json(previous.read_text())
+        variants = [folder for variant in old.variants.values() for folder in (variant.image_model, variant.text_model)]
+    for folder in (f"{name}_image", f"{name}_text", f"{name}_tags", *variants):
         if (out / folder).exists():
             (out / folder).rename(trash / folder)
         if (staging / folder).exists():
