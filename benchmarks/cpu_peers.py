@@ -2,7 +2,7 @@
 a plain FastAPI + open_clip server and infinity-emb, all on ViT-B-16 shapes (random weights) and 224 px JPEGs.
 
     bash benchmarks/peers/setup_infinity.sh                      # infinity-emb in build/venvs/infinity (once)
-    nice -n 10 .venv/bin/python benchmarks/cpu_peers.py          # writes benchmarks/results-cpu.md
+    nice -n 10 .venv/bin/python benchmarks/cpu_peers.py          # appends to benchmarks/RESULTS.md
 
 What it measures, in this order:
 1. the machine (lscpu: AVX-512, AVX512-BF16, AMX) and its matrix-multiply GFLOP/s in fp32 and bf16 (torch,
@@ -260,7 +260,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--eval-images", type=int, default=64, help="Parity images when building a variant.")
     parser.add_argument("--variants", default="bf16,int8", help="Variants to build (each through its gates).")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results-cpu.md")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS.md",
+                        help="Markdown file the report is appended to, as a section.")
     args = parser.parse_args()
     BUILD.mkdir(parents=True, exist_ok=True)
 
@@ -318,7 +319,8 @@ def main() -> None:
             server.stop()
 
     report = render(host, gflop, peak, gates, speed, variant, running, results, rss, args)
-    args.out.write_text(report)
+    with open(args.out, "a") as out:
+        out.write("\n" + "\n".join("#" + line if line.startswith("#") else line for line in report.splitlines()) + "\n")
     (BUILD / "results-cpu.json").write_text(json.dumps(
         {"machine": host, "gflop": gflop, "matmul": peak, "gates": gates, "in_process": speed,
          "results": {f"{k[0]} c={k[1]} n={k[2]}": v for k, v in results.items()}, "rss_mib": rss}, indent=1))

@@ -1,7 +1,7 @@
 """GPU vs CPU for the collection indexes (flat, ivfpq) on clustered 512-d vectors, side by side in one run.
 
     pip install faiss-gpu-cu12     # in place of faiss-cpu, on a host with an NVIDIA GPU
-    python benchmarks/gpu_index_bench.py [--sizes 100000 1000000] [--queries 1000] [--out benchmarks/results-gpu-index.md]
+    python benchmarks/gpu_index_bench.py [--sizes 100000 1000000] [--queries 1000] [--out benchmarks/RESULTS.md]
 
 For each size and kind it builds the same index twice through services/index/vectors.py — once CPU-only, once with
 FAISS GPU resources (the GPU copy the gateway searches when ``faiss.get_num_gpus() > 0``) — and measures: build time
@@ -57,7 +57,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=200, help="Single queries for the latency percentiles.")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results-gpu-index.md"), help="'-' prints only.")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"),
+                        help="Markdown file the table is appended to; '-' prints only.")
     args = parser.parse_args()
     gpu = gpu_resources()
     if gpu is None:
@@ -81,7 +82,8 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out != "-":
-        Path(args.out).write_text(text)
+        with open(args.out, "a") as out:
+            out.write("\n" + text)
 
 
 if __name__ == "__main__":
