@@ -64,7 +64,7 @@ def main() -> None:
     if gpu is None:
         raise SystemExit("FAISS sees no GPU: install faiss-gpu-cu12 (in place of faiss-cpu) on a GPU host")
     queries = clustered(args.queries, seed=2)
-    lines = ["# Collection indexes: GPU vs CPU (benchmarks/gpu_index_bench.py)", "",
+    lines = ["## Collection indexes: GPU vs CPU (benchmarks/gpu_index_bench.py)", "",
              f"FAISS {faiss.__version__}, {faiss.get_num_gpus()} GPU(s), {faiss.omp_get_max_threads()} CPU threads; "
              f"{DIM}-d clustered vectors, {args.queries} queries, k={K}.", "",
              "| kind | vectors | where | build s | queries/s | single p50 ms | single p99 ms | top-10 agreement |",
