@@ -15,7 +15,7 @@ over HTTP with a vector, against the same index searched directly in this proces
 latency side by side, alternating A and B so drift cancels.
 
 Targets: HTTP p50 within 2 ms of FAISS direct; some kind with recall@10 >= 0.95 at 1M. Results go to
-benchmarks/results-index.md (``--out``).
+benchmarks/RESULTS.md (``--out``).
 """
 
 from __future__ import annotations
@@ -164,11 +164,11 @@ def http_vs_direct(folder: Path, direct: dict[str, Collection], repo: Path | Non
 def report(index_rows: list[dict], http_rows: list[dict], skipped: list[str], args) -> str:
     cpu = f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}"
     lines = [
-        "# Retrieval benchmark (benchmarks/index_bench.py)", "",
+        "## Retrieval benchmark (benchmarks/index_bench.py)", "",
         f"Clustered unit vectors, {DIM}-d (1000 centres), {args.queries} queries not in the set, k={K}; "
         f"{cpu}, FAISS {faiss.__version__}, {faiss.omp_get_max_threads()} OpenMP threads, run under `nice` on a "
         "machine shared with other jobs (absolute times are pessimistic; the side-by-side ratios are the point).",
-        "", "## Index kinds", "",
+        "", "### Index kinds", "",
         "| kind | vectors | search knob | build s | index MiB | recall@10 | queries/s |",
         "|---|---:|---|---:|---:|---:|---:|",
     ]
@@ -186,7 +186,7 @@ def report(index_rows: list[dict], http_rows: list[dict], skipped: list[str], ar
         verdict = "met" if top["recall"] >= 0.95 else "NOT met"
         lines.append(f"- Target recall@10 >= 0.95 at 1M (approximate kinds): {verdict} — best "
                      f"{top['kind']} {top['knob']}: {top['recall']:.3f} at {top['qps']:.0f} queries/s.")
-    lines += ["", f"## Search latency: HTTP vs FAISS direct ({args.http_size:,} vectors, {args.rounds} single "
+    lines += ["", f"### Search latency: HTTP vs FAISS direct ({args.http_size:,} vectors, {args.rounds} single "
               "queries each, alternating; default index parameters)", "",
               "| kind | FAISS p50 ms | HTTP p50 ms | FAISS p99 ms | HTTP p99 ms | p50 gap ms | target gap <= 2 ms |",
               "|---|---:|---:|---:|---:|---:|---|"]
@@ -208,7 +208,8 @@ def main() -> None:
     parser.add_argument("--http-size", type=int, default=100_000, help="A size of --sizes; 0 skips part 2.")
     parser.add_argument("--rounds", type=int, default=300, help="Single queries per kind in part 2.")
     parser.add_argument("--repo", type=Path, default=None, help="Model repository (default: export a tiny one).")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results-index.md"), help="'-' prints only.")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"),
+                        help="Markdown file the report is appended to, as a section; '-' prints only.")
     args = parser.parse_args()
     params = IndexParams()  # the gateway's defaults (HQCLIP_INDEX__* apply)
     queries = clustered(args.queries, seed=2)
@@ -244,7 +245,8 @@ def main() -> None:
     text = report(index_rows, http_rows, skipped, args)
     print(text)
     if args.out != "-":
-        Path(args.out).write_text(text)
+        with open(args.out, "a") as out:
+            out.write("\n" + text)
 
 
 if __name__ == "__main__":
