@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -33,6 +34,14 @@ def data_uri(data: bytes, mime: str = "image/jpeg") -> str:
 
 def jpeg(name: str = "astronaut") -> bytes:
     return encode(photo(name), "JPEG", quality=95)
+
+
+def write_jpegs(folder: Path, names) -> dict[str, Path]:
+    """``folder/<name>.jpg`` for each photo name, as a user's folder of photos; name -> path."""
+    files = {name: Path(folder) / f"{name}.jpg" for name in names}
+    for name, path in files.items():
+        path.write_bytes(jpeg(name))
+    return files
 
 
 def exif_rotated_jpeg(name: str = "astronaut") -> tuple[bytes, Image.Image]:

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from hqclip_client import Client, NotFoundError
-from tests.photos import encode, jpeg, photo
+from tests.photos import encode, jpeg, photo, write_jpegs
 
 pytestmark = pytest.mark.slow
 
@@ -51,12 +51,7 @@ def cli_json(env, *args: str):
 
 @pytest.fixture(scope="module")
 def photo_files(tmp_path_factory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("photos")
-    files = {}
-    for name in PHOTOS:
-        files[name] = folder / f"{name}.jpg"
-        files[name].write_bytes(jpeg(name))
-    return files
+    return write_jpegs(tmp_path_factory.mktemp("photos"), PHOTOS)
 
 
 def test_embed_as_json_equals_the_sdk(env, sdk, photo_files):

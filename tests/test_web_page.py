@@ -12,7 +12,7 @@ from playwright.sync_api import expect, sync_playwright
 
 from hqclip_client import Client, Item
 from hqclip_client.ingest import thumbnail
-from tests.photos import jpeg
+from tests.photos import jpeg, write_jpegs
 
 pytestmark = pytest.mark.slow
 
@@ -34,12 +34,7 @@ def sdk(client_gateway):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("uploads")
-    out = {}
-    for name in PHOTOS:
-        out[name] = folder / f"{name}.jpg"
-        out[name].write_bytes(jpeg(name))
-    return out
+    return write_jpegs(tmp_path_factory.mktemp("uploads"), PHOTOS)
 
 
 @pytest.fixture(scope="module")
