@@ -40,6 +40,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results import record  # noqa: E402
+
 from services.manifest import load_manifest  # noqa: E402
 from services.preprocess import ImagePreprocessor  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
@@ -319,8 +321,7 @@ def main() -> None:
             server.stop()
 
     report = render(host, gflop, peak, gates, speed, variant, running, results, rss, args)
-    with open(args.out, "a") as out:
-        out.write("\n" + "\n".join("#" + line if line.startswith("#") else line for line in report.splitlines()) + "\n")
+    record("\n".join("#" + line if line.startswith("#") else line for line in report.splitlines()), args.out)
     (BUILD / "results-cpu.json").write_text(json.dumps(
         {"machine": host, "gflop": gflop, "matmul": peak, "gates": gates, "in_process": speed,
          "results": {f"{k[0]} c={k[1]} n={k[2]}": v for k, v in results.items()}, "rss_mib": rss}, indent=1))

@@ -31,6 +31,8 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results import record  # noqa: E402
+
 from services.manifest import load_manifest  # noqa: E402
 from services.preprocess import ImagePreprocessor  # noqa: E402
 from services.tokenizer import load_tokenizer  # noqa: E402
@@ -147,8 +149,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.record:
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as out:
-            out.write("\n" + table + "\n")
+        record(table)
 
 
 if __name__ == "__main__":

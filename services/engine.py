@@ -70,10 +70,6 @@ class Engine:
         await self.backend.close()
         self._cpu.shutdown(wait=False, cancel_futures=True)
 
-    @property
-    def queue_depth(self) -> int:
-        return sum(b.depth for b in self._batchers.values())
-
     def _check_fits(self, count: int, param: str) -> None:
         """A request larger than the whole queue could never be served: 413 now, not a 429 forever."""
         room = self.settings.batch.queue_size
