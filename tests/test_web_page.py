@@ -1,6 +1,9 @@
 """The gateway's web page, end to end in headless Chromium (Debian's `chromium`, driven by Playwright):
 the page loads without a key and asks for one; a typed query shows thumbnails and scores; an uploaded image is
-searched for, classified against typed labels, and tagged; errors from the gateway are shown as it said them."""
+searched for, classified against typed labels, and tagged; errors from the gateway are shown as it said them.
+
+Playwright's async API on pytest-asyncio's session loop, not its sync API: the sync API switches greenlets inside
+the pytest process, and the suite's CI run once ended in a segmentation fault while these fixtures were torn down."""
 
 from __future__ import annotations
 
@@ -8,13 +11,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from playwright.sync_api import expect, sync_playwright
+from playwright.async_api import async_playwright, expect
 
 from hqclip_client import Client, Item
 from hqclip_client.ingest import thumbnail
 from tests.photos import jpeg, write_jpegs
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="session")]
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's package (Makefile: apt); never a browser downloaded by Playwright
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -38,99 +41,100 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def browser():
+async def browser():
     assert Path(CHROMIUM).exists(), "install Debian's chromium: apt-get install chromium (the Makefile's apt step)"
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield browser
-        browser.close()
+        await browser.close()
 
 
 @pytest.fixture
-def page(browser, client_gateway, sdk):
+async def page(browser, client_gateway, sdk):
     """The page, opened like a first visit, then given the API key through its key field."""
-    context = browser.new_context()
-    page = context.new_page()
-    page.goto(client_gateway.url + "/")
-    expect(page.locator("#error")).to_contain_text("API key")  # no key yet: the API said 401
-    page.fill("#api-key", sdk.api_key)
-    page.click("#key-form button")
-    expect(page.locator("#model-info")).to_contain_text("tagged")
-    expect(page.locator("#error")).to_be_hidden()
+    context = await browser.new_context()
+    page = await context.new_page()
+    await page.goto(client_gateway.url + "/")
+    await expect(page.locator("#error")).to_contain_text("API key")  # no key yet: the API said 401
+    await page.fill("#api-key", sdk.api_key)
+    await page.click("#key-form button")
+    await expect(page.locator("#model-info")).to_contain_text("tagged")
+    await expect(page.locator("#error")).to_be_hidden()
     yield page
-    context.close()
+    await context.close()
 
 
-def test_the_page_and_its_files_need_no_key_but_the_api_does(client_gateway):
-    page = httpx.get(client_gateway.url + "/", timeout=10)
-    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    for asset in ("static/app.js", "static/style.css"):
-        assert asset in page.text
-        assert httpx.get(f"{client_gateway.url}/{asset}", timeout=10).status_code == 200
-    assert httpx.get(client_gateway.url + "/v1/collections", timeout=10).status_code == 401
+async def test_the_page_and_its_files_need_no_key_but_the_api_does(client_gateway):
+    async with httpx.AsyncClient(base_url=client_gateway.url, timeout=10) as http:
+        page = await http.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        for asset in ("static/app.js", "static/style.css"):
+            assert asset in page.text
+            assert (await http.get(f"/{asset}")).status_code == 200
+        assert (await http.get("/v1/collections")).status_code == 401
 
 
-def test_a_typed_query_shows_thumbnails_and_scores(page, sdk):
-    page.select_option("#collection", COLLECTION)
-    page.fill("#query", "a cat sitting")
-    page.fill("#top-k", "3")
-    page.click("#search-button")
+async def test_a_typed_query_shows_thumbnails_and_scores(page, sdk):
+    await page.select_option("#collection", COLLECTION)
+    await page.fill("#query", "a cat sitting")
+    await page.fill("#top-k", "3")
+    await page.click("#search-button")
     hits = page.locator("#results .hit")
-    expect(hits).to_have_count(3)
+    await expect(hits).to_have_count(3)
     expected = sdk.search(COLLECTION, "a cat sitting", top_k=3).results
-    assert hits.locator(".id").all_inner_texts() == [h.id for h in expected]
-    assert hits.locator(".score").all_inner_texts() == [f"{h.score:.3f}" for h in expected]
-    for image in hits.locator("img").all():
-        assert image.get_attribute("src").startswith("data:image/jpeg;base64,")
-        assert image.evaluate("img => img.complete && img.naturalWidth > 0"), "the thumbnail decodes"
+    assert await hits.locator(".id").all_inner_texts() == [h.id for h in expected]
+    assert await hits.locator(".score").all_inner_texts() == [f"{h.score:.3f}" for h in expected]
+    for image in await hits.locator("img").all():
+        assert (await image.get_attribute("src")).startswith("data:image/jpeg;base64,")
+        assert await image.evaluate("img => img.complete && img.naturalWidth > 0"), "the thumbnail decodes"
 
 
-def test_an_uploaded_image_finds_itself(page, files):
-    page.select_option("#collection", COLLECTION)
-    page.set_input_files("#query-image", str(files["rocket"]))
-    page.click("#search-button")
-    expect(page.locator("#results .hit").first.locator(".id")).to_have_text("rocket.jpg")
-    expect(page.locator("#search-status")).to_contain_text("rocket.jpg")
+async def test_an_uploaded_image_finds_itself(page, files):
+    await page.select_option("#collection", COLLECTION)
+    await page.set_input_files("#query-image", str(files["rocket"]))
+    await page.click("#search-button")
+    await expect(page.locator("#results .hit").first.locator(".id")).to_have_text("rocket.jpg")
+    await expect(page.locator("#search-status")).to_contain_text("rocket.jpg")
 
 
-def test_an_uploaded_image_is_classified_against_typed_labels_and_tagged(page, sdk, files):
-    page.set_input_files("#image-file", str(files["chelsea"]))
-    expect(page.locator("#image-preview")).to_be_visible()
-    page.fill("#labels", "cat, astronaut, coffee cup")
-    page.click("#classify-button")
+async def test_an_uploaded_image_is_classified_against_typed_labels_and_tagged(page, sdk, files):
+    await page.set_input_files("#image-file", str(files["chelsea"]))
+    await expect(page.locator("#image-preview")).to_be_visible()
+    await page.fill("#labels", "cat, astronaut, coffee cup")
+    await page.click("#classify-button")
     rows = page.locator("#classify-result .label-row")
-    expect(rows).to_have_count(3)
+    await expect(rows).to_have_count(3)
     expected = sdk.classify([files["chelsea"]], ["cat", "astronaut", "coffee cup"], top_k=3)[0].labels
-    assert rows.locator(".label").all_inner_texts() == [s.label for s in expected]
-    assert rows.locator(".value").all_inner_texts() == [f"{s.score:.3f}" for s in expected]
+    assert await rows.locator(".label").all_inner_texts() == [s.label for s in expected]
+    assert await rows.locator(".value").all_inner_texts() == [f"{s.score:.3f}" for s in expected]
 
-    page.click("#tags-button")
+    await page.click("#tags-button")
     chips = page.locator("#tags-result .chip")
     expected_tags = sdk.tags([files["chelsea"]], top_k=10)[0].tags
-    expect(chips).to_have_count(len(expected_tags))
-    assert chips.all_inner_texts() == [f"{t.tag} {t.probability:.2f}" for t in expected_tags]
-    expect(page.locator("#refine-button")).to_be_hidden()  # this gateway has no LVLM
+    await expect(chips).to_have_count(len(expected_tags))
+    assert await chips.all_inner_texts() == [f"{t.tag} {t.probability:.2f}" for t in expected_tags]
+    await expect(page.locator("#refine-button")).to_be_hidden()  # this gateway has no LVLM
 
 
-def test_errors_are_shown_as_the_gateway_said_them(page, files):
-    page.set_input_files("#image-file", str(files["coffee"]))
-    page.fill("#labels", "cat")
-    page.evaluate("localStorage.setItem('hqclip.apiKey', 'wrong')")
-    page.click("#classify-button")
-    expect(page.locator("#error")).to_contain_text("401")
-    expect(page.locator("#error")).to_contain_text("field: authorization")
+async def test_errors_are_shown_as_the_gateway_said_them(page, files):
+    await page.set_input_files("#image-file", str(files["coffee"]))
+    await page.fill("#labels", "cat")
+    await page.evaluate("localStorage.setItem('hqclip.apiKey', 'wrong')")
+    await page.click("#classify-button")
+    await expect(page.locator("#error")).to_contain_text("401")
+    await expect(page.locator("#error")).to_contain_text("field: authorization")
 
 
-def test_refine_shows_the_four_fields_when_an_lvlm_is_configured(browser, lvlm_gateway, files):
-    context = browser.new_context()
-    page = context.new_page()
-    page.goto(lvlm_gateway.url + "/")  # no API keys on this gateway: no key needed
-    expect(page.locator("#model-info")).to_contain_text("tagged")
-    page.set_input_files("#image-file", str(files["astronaut"]))
-    page.click("#refine-button")
+async def test_refine_shows_the_four_fields_when_an_lvlm_is_configured(browser, lvlm_gateway, files):
+    context = await browser.new_context()
+    page = await context.new_page()
+    await page.goto(lvlm_gateway.url + "/")  # no API keys on this gateway: no key needed
+    await expect(page.locator("#model-info")).to_contain_text("tagged")
+    await page.set_input_files("#image-file", str(files["astronaut"]))
+    await page.click("#refine-button")
     fields = page.locator("#refine-result dt")
-    expect(fields).to_have_count(4, timeout=120_000)
-    assert fields.all_inner_texts() == ["desc", "neg_desc", "tags", "neg_tags"]
-    assert all(text.strip() for text in page.locator("#refine-result dd").all_inner_texts())
-    expect(page.locator("#error")).to_be_hidden()
-    context.close()
+    await expect(fields).to_have_count(4, timeout=120_000)
+    assert await fields.all_inner_texts() == ["desc", "neg_desc", "tags", "neg_tags"]
+    assert all(text.strip() for text in await page.locator("#refine-result dd").all_inner_texts())
+    await expect(page.locator("#error")).to_be_hidden()
+    await context.close()
