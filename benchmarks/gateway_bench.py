@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/gateway_bench.py --repo model_repo [--model demo] [--batch 8] [--seconds 10]
 
 For each modality and concurrency (1 and 8) it measures, alternating A then B so the machine's drift cancels:
-  A. in-process: the same preprocessing / tokenizer and one ONNX Runtime session, `concurrency` threads each
-     running a batch of `batch` inputs;
+  A. in-process: the same preprocessing / tokenizer and one ONNX Runtime session with the gateway's session
+     options, `concurrency` threads each running a batch of `batch` inputs;
   B. HTTP: a real gateway process (uvicorn) and `concurrency` clients each posting `batch` inputs per request.
 It prints a table with the ratio B/A (target: >= 0.9 at concurrency 8) and appends it to benchmarks/RESULTS.md
 with --record.
@@ -33,8 +33,10 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.results import record  # noqa: E402
 
+from services.backends.onnxruntime import session_options  # noqa: E402
 from services.manifest import load_manifest  # noqa: E402
 from services.preprocess import ImagePreprocessor  # noqa: E402
+from services.settings import Settings  # noqa: E402
 from services.tokenizer import load_tokenizer  # noqa: E402
 from tests.conftest import free_port, wait_until_healthy  # noqa: E402
 from tests.photos import PHOTO_NAMES, jpeg  # noqa: E402
@@ -90,8 +92,9 @@ def main() -> None:
     args = parser.parse_args()
 
     manifest = load_manifest(args.repo, args.model)
-    options = ort.SessionOptions()
-    sessions = {m: ort.InferenceSession(str(args.repo / m / "1" / "model.onnx"), options,
+    settings = Settings()  # the gateway's own session options, so that A and B run the same sessions
+    sessions = {m: ort.InferenceSession(str(args.repo / m / "1" / "model.onnx"),
+                                        session_options(settings, text_tower=m == manifest.text.model),
                                         providers=["CPUExecutionProvider"])
                 for m in (manifest.image.model, manifest.text.model)}
     preprocess = ImagePreprocessor(manifest.image, 50_000_000, 100_000_000)

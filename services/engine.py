@@ -53,14 +53,16 @@ class Engine:
     async def start(self) -> None:
         """Create the batchers on the running loop."""
         batch = self.settings.batch
-        for model in (self.image_model, self.text_model):
+        shapes = {self.image_model: (min(batch.image_max_size, batch.max_size), batch.image_workers),
+                  self.text_model: (batch.max_size, batch.workers)}
+        for model, (max_size, workers) in shapes.items():
             self._batchers[model] = MicroBatcher(
                 model,
                 lambda rows, model=model: self.backend.infer(model, rows),
-                batch.max_size,
+                max_size,
                 batch.max_delay_ms / 1000,
                 batch.queue_size,
-                batch.workers,
+                workers,
                 self.metrics,
             )
 

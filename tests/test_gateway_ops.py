@@ -34,6 +34,26 @@ def test_health_ready_and_metrics(gateway):
     assert 'hqclip_request_seconds_count{route="/v1/embeddings"}' in text
 
 
+def _batches(gateway, model: str) -> tuple[int, int]:
+    """(backend calls, calls of at most 8 items) for ``model`` so far, from /metrics."""
+    text = httpx.get(f"{gateway.url}/metrics").text
+    count = re.search(rf'hqclip_batch_size_count\{{model="{model}"\}} ([0-9.]+)', text)
+    small = re.search(rf'hqclip_batch_size_bucket\{{le="8.0",model="{model}"\}} ([0-9.]+)', text) or re.search(
+        rf'hqclip_batch_size_bucket\{{model="{model}",le="8.0"\}} ([0-9.]+)', text)
+    return int(float(count.group(1))), int(float(small.group(1)))
+
+
+def test_images_go_to_the_backend_in_batches_of_8_and_texts_of_up_to_32(gateway):
+    images_before, texts_before = _batches(gateway, "tiny_image"), _batches(gateway, "tiny_text")
+    body = {"model": "tiny", "modality": "image", "input": [b64(jpeg())] * 12}
+    assert httpx.post(f"{gateway.url}/v1/embeddings", json=body, timeout=60).status_code == 200
+    body = {"model": "tiny", "input": [f"text {i}" for i in range(12)]}
+    assert httpx.post(f"{gateway.url}/v1/embeddings", json=body, timeout=60).status_code == 200
+    images_after, texts_after = _batches(gateway, "tiny_image"), _batches(gateway, "tiny_text")
+    assert (images_after[0] - images_before[0], images_after[1] - images_before[1]) == (2, 2)  # 8 + 4
+    assert (texts_after[0] - texts_before[0], texts_after[1] - texts_before[1]) == (1, 0)  # 12 at once
+
+
 def test_api_keys(gateway_factory):
     secured = gateway_factory(HQCLIP_API_KEYS="key-one, key-two")
     body = {"model": "tiny", "input": ["hello"]}

@@ -13,23 +13,31 @@ from services.manifest import Manifest
 from services.settings import Settings
 
 
+def session_options(settings: Settings, text_tower: bool) -> ort.SessionOptions:
+    """The gateway's options for one session (benchmarks/gateway_bench.py uses the same)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = settings.ort_threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    spinning = settings.ort_spinning == "all" or (settings.ort_spinning == "text" and text_tower)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return options
+
+
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, settings: Settings, manifest: Manifest) -> None:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = settings.ort_threads
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         image, text = manifest.towers(settings.precision)
         names = [image, text] + ([manifest.tags.model] if manifest.tags else [])
         self._sessions = {
-            name: ort.InferenceSession(
-                str(settings.model_repo / name / "1" / "model.onnx"), options, providers=["CPUExecutionProvider"]
-            )
+            name: ort.InferenceSession(str(settings.model_repo / name / "1" / "model.onnx"),
+                                       session_options(settings, text_tower=name == text),
+                                       providers=["CPUExecutionProvider"])
             for name in names
         }
         # ONNX Runtime releases the GIL while it runs, so a few threads overlap batches with decoding.
-        self._pool = ThreadPoolExecutor(max_workers=max(2, settings.batch.workers), thread_name_prefix="ort")
+        self._pool = ThreadPoolExecutor(max_workers=settings.batch.workers + settings.batch.image_workers,
+                                        thread_name_prefix="ort")
 
     def _run(self, model: str, inputs: np.ndarray) -> np.ndarray:
         session = self._sessions[model]

@@ -47,7 +47,8 @@ class OpenVinoBackend(Backend):
         }
         # An infer request holds its own buffers: one per thread and model. OpenVINO releases the GIL while it runs.
         self._local = threading.local()
-        self._pool = ThreadPoolExecutor(max_workers=max(2, settings.batch.workers), thread_name_prefix="openvino")
+        self._pool = ThreadPoolExecutor(max_workers=settings.batch.workers + settings.batch.image_workers,
+                                        thread_name_prefix="openvino")
 
     def _run(self, model: str, inputs: np.ndarray) -> np.ndarray:
         requests = self._local.__dict__.setdefault("requests", {})
