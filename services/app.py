@@ -7,23 +7,19 @@ one that has its own readiness adds an async probe to ``app.state.readiness`` (n
 
 from __future__ import annotations
 
-import hmac
-import time
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
+from services.access import AccessMiddleware
 from services.engine import Engine
-from services.errors import error_body, install_error_handlers
+from services.errors import install_error_handlers
 from services.index.manager import CollectionManager
 from services.metrics import Metrics
 from services.refine.client import RefineClient
 from services.routes import classify, collections, embeddings, page, refine, system
 from services.settings import Settings
-
-OPEN_PATHS = frozenset({"/health", "/ready"})
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -57,26 +53,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     page.mount(app)
 
-    keys = [key.encode() for key in settings.api_keys]
-
-    @app.middleware("http")
-    async def authenticate_and_measure(request: Request, call_next):
-        started = time.perf_counter()
-        if keys and request.url.path not in OPEN_PATHS and not page.is_public(request.url.path):
-            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip().encode()
-            # compare against every key, in constant time, so timing reveals neither key nor position
-            if not any([hmac.compare_digest(given, key) for key in keys]):
-                return JSONResponse(
-                    error_body("missing or wrong API key: send 'Authorization: Bearer <key>'",
-                               "authentication_error", "authorization", 401),
-                    status_code=401,
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.requests.labels(path, str(response.status_code)).inc()
-        metrics.latency.labels(path).observe(time.perf_counter() - started)
-        return response
-
+    app.add_middleware(AccessMiddleware, keys=settings.api_keys, metrics=metrics)
     return app
