@@ -116,6 +116,16 @@ def test_text_tower_is_minilm_mean_pooled(demo_model):
     torch.testing.assert_close(store["x"], (hidden * mask).sum(1) / mask.sum(1), rtol=1e-4, atol=1e-4)
 
 
+def test_trimmed_text_tower_gives_the_same_embeddings(demo_model):
+    from training.demo_model import tokenizer
+    from training.text_tower import encode_text
+
+    tokens = tokenizer()(["A yak.", "two red apples & a pear on a wooden table", ""])
+    with torch.no_grad():
+        torch.testing.assert_close(encode_text(demo_model, tokens), demo_model.encode_text(tokens, normalize=True),
+                                   rtol=1e-5, atol=1e-6)
+
+
 # --- the rule annotator --------------------------------------------------------------------------------------
 
 

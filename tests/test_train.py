@@ -21,6 +21,7 @@ from tests.shards import write_shards
 from training.config import load_config
 from training.losses import HQCLIPLoss
 from training.tag_head import TagHead
+from training.text_tower import encode_text, trim
 from training.train import HQCLIPModel, freeze_towers, load_bundle, load_trained, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +39,19 @@ def test_config_yaml_with_overrides(tmp_path):
         load_config(None, ["loss.lamda_hni=2"])
     with pytest.raises(ValueError, match="section.field=value"):
         load_config(None, ["optim.lr"])
+
+
+def test_trimmed_text_tower_gives_open_clip_embeddings(tiny_checkpoint):
+    model = load_bundle(str(tiny_checkpoint)).model.eval()
+    tokenizer = load_bundle(str(tiny_checkpoint)).tokenizer
+    long = " ".join(["word"] * 200)  # fills the whole context: nothing to trim
+    for texts in (["a cat", "", "two red apples on a wooden table"], ["", ""], ["a cat", long]):
+        tokens = tokenizer(texts)
+        assert trim(tokens, 0).shape[1] < tokens.shape[1] or texts[-1] == long
+        with torch.no_grad():
+            torch.testing.assert_close(encode_text(model, tokens), model.encode_text(tokens, normalize=True),
+                                       rtol=1e-5, atol=1e-6)
+    assert trim(torch.zeros(2, 8, dtype=torch.long), 0).shape == (2, 1)
 
 
 def test_frozen_timm_tower_keeps_batch_norm_and_activations(tmp_path):

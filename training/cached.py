@@ -26,6 +26,7 @@ from training.config import TrainConfig
 from training.data import SkipCounter, iterate_samples
 from training.losses import HQCLIPLoss
 from training.tag_head import TagHead
+from training.text_tower import encode_text
 from training.train import param_groups, seed_everything, warmup_cosine
 from training.vocab import Vocabulary, build_vocabulary
 
@@ -89,11 +90,9 @@ def encode_features(model: nn.Module, transform, tokenizer, urls: list[str], ext
             model.encode_image(torch.stack([transform(s.image) for s in chunk]))
             image_rows.append(store["image"].float())
             bar.update(len(chunk))
-        pad_id = model.text.config.pad_token_id
         for start in range(0, len(texts), batch_size * 4):
             chunk = texts[start:start + batch_size * 4]
-            ids = tokenizer(chunk)
-            model.encode_text(ids[:, :int((ids != pad_id).any(0).nonzero().max()) + 1])  # padding is masked: trim it
+            encode_text(model, tokenizer(chunk))
             text_rows.append(store["text"].float())
             bar.update(len(chunk))
         bar.close()

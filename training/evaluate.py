@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from training.data import SkipCounter, expand_urls, iterate_samples
+from training.text_tower import encode_text
 
 TEMPLATES = (
     "a photo of a {}.",
@@ -50,8 +51,7 @@ class Encoder:
 
     @torch.no_grad()
     def texts(self, texts: list[str]) -> torch.Tensor:
-        out = [self.model.encode_text(self.tokenizer(texts[i:i + self.batch_size]).to(self.device),
-                                      normalize=True).float().cpu()
+        out = [encode_text(self.model, self.tokenizer(texts[i:i + self.batch_size]).to(self.device)).float().cpu()
                for i in range(0, len(texts), self.batch_size)]
         return torch.cat(out)
 

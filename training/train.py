@@ -32,6 +32,7 @@ from training.config import TrainConfig, dump_config, load_config
 from training.data import StreamState, SkipCounter, TextChoice, TrainStream, expand_urls, iterate_tags, train_loader
 from training.losses import HQCLIPLoss
 from training.tag_head import TagHead
+from training.text_tower import encode_text
 from training.vocab import Vocabulary, build_vocabulary
 
 CHECKPOINT_FORMAT = "hqclip-train-checkpoint"
@@ -109,12 +110,12 @@ class HQCLIPModel(nn.Module):
         image = self.clip.encode_image(images, normalize=True)
         neg = None
         if negative is not None and self.negative_text_grad:
-            text, neg = self.clip.encode_text(torch.cat([positive, negative]), normalize=True).chunk(2)
+            text, neg = encode_text(self.clip, torch.cat([positive, negative])).chunk(2)
         else:
-            text = self.clip.encode_text(positive, normalize=True)
+            text = encode_text(self.clip, positive)
             if negative is not None:
                 with torch.no_grad():
-                    neg = self.clip.encode_text(negative, normalize=True)
+                    neg = encode_text(self.clip, negative)
         return {
             "image": image,
             "text": text,
