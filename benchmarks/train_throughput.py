@@ -6,23 +6,29 @@ Each variant runs the real training step (``training.train.TrainStep``: forward,
 AdamW) on the same random-init model and the same synthetic batch (random pixels, real token ids); variants are
 interleaved round by round so machine load hits them alike, and the median round counts. Samples per
 CPU-second (process time) is reported too: on a shared machine it measures the compute cost when wall time is
-noisy. Target: the full objective at >= 0.9x the plain contrastive samples/s. Writes a markdown table (``--out``) and prints it.
+noisy. Target: the full objective at >= 0.9x the plain contrastive samples/s. Prints a markdown table;
+``--record`` appends it to benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from training.config import LossConfig
-from training.losses import HQCLIPLoss
-from training.tag_head import TagHead
-from training.train import HQCLIPModel, TrainStep, freeze_towers, load_bundle, param_groups
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.results import record  # noqa: E402
+
+from training.config import LossConfig  # noqa: E402
+from training.losses import HQCLIPLoss  # noqa: E402
+from training.tag_head import TagHead  # noqa: E402
+from training.train import HQCLIPModel, TrainStep, freeze_towers, load_bundle, param_groups  # noqa: E402
 
 VARIANTS = {
     "contrastive": LossConfig(lambda_hni=0.0, lambda_stc=0.0),
@@ -32,10 +38,12 @@ VARIANTS = {
 }
 
 
-def synthetic_batch(tokenizer, batch_size: int, image_size: int, vocab: int) -> dict:
+def synthetic_batch(tokenizer, batch_size: int, image_size: int, vocab: int, words: int) -> dict:
+    """Random pixels; captions of ``words`` real words (12: an alt text; 60: a long description that fills
+    CLIP's 77 tokens), a negative per caption with its colour and animal swapped; a few tags per sample."""
     g = torch.Generator().manual_seed(0)
-    words = "a red car parked on a wet street next to a small dog under a blue sky with clouds".split()
-    texts = [" ".join(words[(i % 7):][:12]) for i in range(batch_size)]
+    pool = "a red car parked on a wet street next to a small dog under a blue sky with clouds".split()
+    texts = [" ".join((pool * (words // len(pool) + 2))[i % 7:][:words]) for i in range(batch_size)]
     negatives = [t.replace("red", "green").replace("dog", "cat") for t in texts]
     return {
         "images": torch.randn(batch_size, 3, image_size, image_size, generator=g),
@@ -74,14 +82,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--freeze-text", action="store_true", help="LiT-style: text tower frozen")
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--words", type=int, default=12, help="words per caption (12: alt text; 60: fills 77 tokens)")
+    parser.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = parser.parse_args()
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
 
     bundle = load_bundle(args.model)
     image_size = bundle.model.visual.image_size
     image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
-    batch = synthetic_batch(bundle.tokenizer, args.batch_size, image_size, args.vocab)
+    batch = synthetic_batch(bundle.tokenizer, args.batch_size, image_size, args.vocab, args.words)
     steps = make_steps(bundle, args.vocab, args.freeze_text, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for step in steps.values():  # warm-up (allocator, AdamW state, kernels)
@@ -99,7 +108,9 @@ def main() -> None:
             cpu_rates[name].append(args.batch_size * args.steps / (time.process_time() - cpu_started))
     base = statistics.median(rates["contrastive"])
     cpu_base = statistics.median(cpu_rates["contrastive"])
-    setup = (f"{args.model} (random init), batch {args.batch_size}, tag vocabulary {args.vocab}, "
+    setup = (f"{args.model} (random init), batch {args.batch_size}, captions of {args.words} words "
+             f"({int((batch['positive'] != 0).sum(1).max())} of {batch['positive'].shape[1]} tokens), "
+             f"tag vocabulary {args.vocab}, "
              f"{'text tower frozen, ' if args.freeze_text else ''}"
              f"{torch.cuda.get_device_name() + ', bf16 autocast' if device.type == 'cuda' else f'fp32 on {torch.get_num_threads()} CPU threads'}, "
              f"median of {args.rounds} interleaved rounds x {args.steps} steps")
@@ -110,10 +121,11 @@ def main() -> None:
         median, cpu = statistics.median(values), statistics.median(cpu_rates[name])
         lines.append(f"| {name} | {median:.2f} | {', '.join(f'{v:.2f}' for v in values)} | {median / base:.2f}x "
                      f"| {cpu:.2f} | {cpu / cpu_base:.2f}x |")
-    table = "\n".join(lines) + "\n"
+    command = " ".join(["python benchmarks/train_throughput.py", *sys.argv[1:]])
+    table = f"`{command}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n" + "\n".join(lines) + "\n"
     print(table)
-    if args.out:
-        args.out.write_text(table)
+    if args.record:
+        record(table)
 
 
 if __name__ == "__main__":
