@@ -35,12 +35,11 @@ def test_health_ready_and_metrics(gateway):
 
 
 def _batches(gateway, model: str) -> tuple[int, int]:
-    """(backend calls, calls of at most 8 items) for ``model`` so far, from /metrics."""
+    """(backend calls, calls of at most 8 items) for ``model`` so far, from /metrics; none yet: (0, 0)."""
     text = httpx.get(f"{gateway.url}/metrics").text
     count = re.search(rf'hqclip_batch_size_count\{{model="{model}"\}} ([0-9.]+)', text)
-    small = re.search(rf'hqclip_batch_size_bucket\{{le="8.0",model="{model}"\}} ([0-9.]+)', text) or re.search(
-        rf'hqclip_batch_size_bucket\{{model="{model}",le="8.0"\}} ([0-9.]+)', text)
-    return int(float(count.group(1))), int(float(small.group(1)))
+    small = re.search(rf'hqclip_batch_size_bucket\{{le="8.0",model="{model}"\}} ([0-9.]+)', text)
+    return (int(float(count.group(1))), int(float(small.group(1)))) if count else (0, 0)
 
 
 def test_images_go_to_the_backend_in_batches_of_8_and_texts_of_up_to_32(gateway):

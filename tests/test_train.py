@@ -42,8 +42,8 @@ def test_config_yaml_with_overrides(tmp_path):
 
 
 def test_trimmed_text_tower_gives_open_clip_embeddings(tiny_checkpoint):
-    model = load_bundle(str(tiny_checkpoint)).model.eval()
-    tokenizer = load_bundle(str(tiny_checkpoint)).tokenizer
+    bundle = load_bundle(str(tiny_checkpoint))
+    model, tokenizer = bundle.model.eval(), bundle.tokenizer
     long = " ".join(["word"] * 200)  # fills the whole context: nothing to trim
     for texts in (["a cat", "", "two red apples on a wooden table"], ["", ""], ["a cat", long]):
         tokens = tokenizer(texts)
