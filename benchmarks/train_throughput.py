@@ -13,6 +13,7 @@ noisy. Target: the full objective at >= 0.9x the plain contrastive samples/s. Pr
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import sys
 import time
@@ -25,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.results import record  # noqa: E402
 
-from training.config import LossConfig  # noqa: E402
+from training.config import DataConfig, LossConfig  # noqa: E402
+from training.data import Sample, TextChoice  # noqa: E402
 from training.losses import HQCLIPLoss  # noqa: E402
 from training.tag_head import TagHead  # noqa: E402
 from training.train import HQCLIPModel, TrainStep, freeze_towers, load_bundle, param_groups  # noqa: E402
@@ -38,13 +40,26 @@ VARIANTS = {
 }
 
 
-def synthetic_batch(tokenizer, batch_size: int, image_size: int, vocab: int, words: int) -> dict:
+def synthetic_batch(tokenizer, batch_size: int, image_size: int, vocab: int, words: int, mixed: bool) -> dict:
     """Random pixels; captions of ``words`` real words (12: an alt text; 60: a long description that fills
-    CLIP's 77 tokens), a negative per caption with its colour and animal swapped; a few tags per sample."""
+    CLIP's 77 tokens), a negative per caption with its colour and animal swapped; a few tags per sample.
+    ``mixed``: the texts the loop draws from VLM-150M-shaped samples instead (training.data.TextChoice at the
+    DataConfig defaults): the positive is the ``words``-word description or a 12-word alt text, the negative the
+    negative description or four joined negative tags, each drawn per sample."""
     g = torch.Generator().manual_seed(0)
     pool = "a red car parked on a wet street next to a small dog under a blue sky with clouds".split()
-    texts = [" ".join((pool * (words // len(pool) + 2))[i % 7:][:words]) for i in range(batch_size)]
-    negatives = [t.replace("red", "green").replace("dog", "cat") for t in texts]
+
+    def caption(i: int, n: int) -> str:
+        return " ".join((pool * (n // len(pool) + 2))[i % 7:][:n])
+
+    descs = [caption(i, words) for i in range(batch_size)]
+    neg_descs = [t.replace("red", "green").replace("dog", "cat") for t in descs]
+    texts, negatives = descs, neg_descs
+    if mixed:
+        choice, rng = TextChoice(DataConfig().p_desc, DataConfig().p_neg_desc), random.Random(0)
+        samples = [Sample(key=str(i), image=None, alt=caption(i, 12), desc=descs[i], neg_desc=neg_descs[i],
+                          neg_tags=["green car", "wet road", "small cat", "grey sky"]) for i in range(batch_size)]
+        texts, negatives = map(list, zip(*(choice.draw(sample, rng) for sample in samples)))
     return {
         "images": torch.randn(batch_size, 3, image_size, image_size, generator=g),
         "positive": tokenizer(texts),
@@ -83,6 +98,9 @@ def main() -> None:
     parser.add_argument("--freeze-text", action="store_true", help="LiT-style: text tower frozen")
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
     parser.add_argument("--words", type=int, default=12, help="words per caption (12: alt text; 60: fills 77 tokens)")
+    parser.add_argument("--mixed", action="store_true",
+                        help="texts as the loop draws them: description (--words) or 12-word alt text; negative "
+                        "description or joined negative tags, per sample")
     parser.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = parser.parse_args()
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
@@ -90,7 +108,7 @@ def main() -> None:
     bundle = load_bundle(args.model)
     image_size = bundle.model.visual.image_size
     image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
-    batch = synthetic_batch(bundle.tokenizer, args.batch_size, image_size, args.vocab, args.words)
+    batch = synthetic_batch(bundle.tokenizer, args.batch_size, image_size, args.vocab, args.words, args.mixed)
     steps = make_steps(bundle, args.vocab, args.freeze_text, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for step in steps.values():  # warm-up (allocator, AdamW state, kernels)
@@ -108,8 +126,11 @@ def main() -> None:
             cpu_rates[name].append(args.batch_size * args.steps / (time.process_time() - cpu_started))
     base = statistics.median(rates["contrastive"])
     cpu_base = statistics.median(cpu_rates["contrastive"])
-    setup = (f"{args.model} (random init), batch {args.batch_size}, captions of {args.words} words "
-             f"({int((batch['positive'] != 0).sum(1).max())} of {batch['positive'].shape[1]} tokens), "
+    lengths = sorted(int(n) for n in torch.cat([batch["positive"], batch["negative"]]).ne(0).sum(1))
+    texts = (f"texts drawn per sample (description of {args.words} words or alt text of 12; negative description "
+             f"or joined negative tags): {lengths[0]}-{lengths[-1]} tokens" if args.mixed else
+             f"captions of {args.words} words ({lengths[-1]} tokens)")
+    setup = (f"{args.model} (random init), batch {args.batch_size}, {texts} of {batch['positive'].shape[1]}, "
              f"tag vocabulary {args.vocab}, "
              f"{'text tower frozen, ' if args.freeze_text else ''}"
              f"{torch.cuda.get_device_name() + ', bf16 autocast' if device.type == 'cuda' else f'fp32 on {torch.get_num_threads()} CPU threads'}, "

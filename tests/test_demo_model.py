@@ -120,7 +120,8 @@ def test_trimmed_text_tower_gives_the_same_embeddings(demo_model):
     from training.demo_model import tokenizer
     from training.text_tower import encode_text
 
-    tokens = tokenizer()(["A yak.", "two red apples & a pear on a wooden table", ""])
+    long = "a photo of " + "two red apples & a pear on a wooden table, " * 8  # long and short: encoded apart
+    tokens = tokenizer()(["A yak.", long, "two red apples & a pear on a wooden table", "", long + " at dusk"])
     with torch.no_grad():
         torch.testing.assert_close(encode_text(demo_model, tokens), demo_model.encode_text(tokens, normalize=True),
                                    rtol=1e-5, atol=1e-6)

@@ -21,7 +21,7 @@ from tests.shards import write_shards
 from training.config import load_config
 from training.losses import HQCLIPLoss
 from training.tag_head import TagHead
-from training.text_tower import encode_text, trim
+from training.text_tower import encode_text, split, trim
 from training.train import HQCLIPModel, freeze_towers, load_bundle, load_trained, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,13 +45,22 @@ def test_trimmed_text_tower_gives_open_clip_embeddings(tiny_checkpoint):
     bundle = load_bundle(str(tiny_checkpoint))
     model, tokenizer = bundle.model.eval(), bundle.tokenizer
     long = " ".join(["word"] * 200)  # fills the whole context: nothing to trim
-    for texts in (["a cat", "", "two red apples on a wooden table"], ["", ""], ["a cat", long]):
+    mixed = ["a cat", long, "", "a long description of " + long, "two red apples"]  # split by length, rows put back
+    for texts in (["a cat", "", "two red apples on a wooden table"], ["", ""], ["a cat", long], mixed):
         tokens = tokenizer(texts)
-        assert trim(tokens, 0).shape[1] < tokens.shape[1] or texts[-1] == long
+        assert trim(tokens, 0).shape[1] < tokens.shape[1] or any(long in t for t in texts)
         with torch.no_grad():
             torch.testing.assert_close(encode_text(model, tokens), model.encode_text(tokens, normalize=True),
                                        rtol=1e-5, atol=1e-6)
     assert trim(torch.zeros(2, 8, dtype=torch.long), 0).shape == (2, 1)
+
+
+def test_texts_are_split_by_length_only_when_it_saves_padding():
+    assert split([3, 3, 3, 70, 70, 70]) == 3  # alt texts beside long descriptions: 3*3 + 3*70 tokens, not 6*70
+    assert split([2, 70]) == 1
+    assert split([10, 11, 12, 12]) is None  # similar lengths: one call
+    assert split([5, 60, 70, 77]) is None  # one short text among long ones saves under a quarter
+    assert split([7]) is None
 
 
 def test_frozen_timm_tower_keeps_batch_norm_and_activations(tmp_path):

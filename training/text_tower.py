@@ -1,14 +1,19 @@
-"""Text embeddings without the padding: a batch's token ids cut after its longest text.
+"""Text embeddings without the padding: a batch's token ids cut after its longest text, short and long texts apart.
 
 open_clip pads every text to the context length (77) and runs the text tower over all of it. Where padding cannot
 change a text's embedding, the columns after the batch's longest text are dropped first: the same embeddings for a
-fraction of the text tower's FLOPs (captions of 10-20 tokens: 4-7x fewer). That holds for
+fraction of the text tower's FLOPs (captions of 10-20 tokens: 4-7x fewer). HQ-CLIP's batches mix lengths (an alt
+text or a long description, negative tags or a long negative description, drawn per sample), so one long text
+would pad every short one back up: the batch is split in two by length when that saves at least ``SPLIT_SAVING``
+of the padded tokens, each part cut to its own longest text, and the rows put back in order. That holds for
 - open_clip's own CLIP text tower: causal attention, pooled at the end-of-text token (``argmax`` / ``eos``);
 - Hugging Face towers (``HFTextEncoder``) that mask padding and pool by mean or first token.
 Any other tower runs as open_clip runs it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -17,12 +22,33 @@ from open_clip.transformer import text_global_pool
 from torch import nn
 
 _MASKED_POOLERS = {"MeanPooler", "ClsPooler", "ClsLastHiddenStatePooler"}
+SPLIT_SAVING = 0.25  # a second, smaller text-tower call pays for itself only when it drops this much padding
 
 
 def trim(tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
     """``tokens`` [B, L] without the trailing columns that are padding in every row (at least one column)."""
     used = (tokens != pad_id).any(dim=0).nonzero()
     return tokens[:, : int(used.max()) + 1 if len(used) else 1]
+
+
+def split(lengths: list[int]) -> int | None:
+    """For texts of ``lengths`` tokens sorted ascending: how many of the shortest go in a batch of their own, so that
+    padding each part to its longest text computes the fewest tokens; None when that saves under SPLIT_SAVING."""
+    n, longest = len(lengths), lengths[-1]
+    cost, k = min((k * lengths[k - 1] + (n - k) * longest, k) for k in range(1, n)) if n > 1 else (n * longest, 0)
+    return k if cost <= (1 - SPLIT_SAVING) * n * longest else None
+
+
+def _in_parts(run: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """``run`` on trimmed tokens; on the short and the long texts apart when ``split`` says it pays."""
+    lengths = torch.where(tokens != pad_id, torch.arange(1, tokens.shape[1] + 1, device=tokens.device), 0).amax(1)
+    order = torch.argsort(lengths)
+    k = split(lengths[order].tolist())
+    if k is None:
+        return run(trim(tokens, pad_id))
+    short, long = order[:k], order[k:]
+    features = torch.cat([run(trim(tokens[short], pad_id)), run(trim(tokens[long], pad_id))])
+    return features[torch.argsort(order)]  # back to the input's row order (autograd follows the indexing)
 
 
 def _causal_clip_text(clip: CLIP, tokens: torch.Tensor) -> torch.Tensor:
@@ -41,9 +67,9 @@ def _causal_clip_text(clip: CLIP, tokens: torch.Tensor) -> torch.Tensor:
 def encode_text(model: nn.Module, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
     """``model.encode_text(tokens, normalize)``, on the trimmed tokens where that gives the same embeddings."""
     if isinstance(model, CLIP) and model.attn_mask is not None and model.text_pool_type in ("argmax", "eos"):
-        features = _causal_clip_text(model, trim(tokens, 0))  # open_clip's tokenizers pad with 0
+        features = _in_parts(lambda part: _causal_clip_text(model, part), tokens, 0)  # open_clip pads with 0
         return F.normalize(features, dim=-1) if normalize else features
     text = getattr(model, "text", None)
     if type(getattr(text, "pooler", None)).__name__ in _MASKED_POOLERS:
-        return model.encode_text(trim(tokens, text.config.pad_token_id), normalize=normalize)
+        return _in_parts(lambda part: model.encode_text(part, normalize=normalize), tokens, text.config.pad_token_id)
     return model.encode_text(tokens, normalize=normalize)
