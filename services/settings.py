@@ -110,7 +110,11 @@ class Settings(BaseSettings):
     port: int = Field(8000, description="Port the gateway binds.")
     model_repo: Path = Field(Path("model_repo"), description="The Triton model repository `hqclip export` wrote.")
     model: str | None = Field(None, description="Which model of the repository to serve; default: the only one.")
-    backend: Literal["onnxruntime", "triton"] = Field("onnxruntime", description="Where inference runs.")
+    backend: Literal["onnxruntime", "openvino", "triton"] = Field(
+        "onnxruntime", description="Where inference runs: in process on ONNX Runtime (the default) or OpenVINO (fp32 "
+        "and bf16; faster on recent Xeons, docs/precision.md), or on a Triton server. A bf16 variant always runs on "
+        "OpenVINO.",
+    )
     precision: str = Field("fp32", description="Which exported precision variant to serve (fp32, bf16, int8).")
     ort_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = all cores.")
     ort_spinning: Literal["text", "all", "none"] = Field(

@@ -144,6 +144,31 @@ def test_gateway_serves_the_precision_it_is_told_fp32_by_default(gateway_factory
 
 
 @pytest.mark.slow
+def test_gateway_runs_fp32_on_openvino_when_told(gateway_factory, variant_repo):
+    """HQCLIP_BACKEND=openvino: the same fp32 towers on OpenVINO give ONNX Runtime's embeddings; int8 it refuses."""
+    images = [b64(jpeg(name)) for name in PHOTOS[:4]]
+    served = {}
+    for backend in ("onnxruntime", "openvino"):
+        gateway = gateway_factory(HQCLIP_MODEL_REPO=str(variant_repo), HQCLIP_BACKEND=backend)
+        card = httpx.get(f"{gateway.url}/v1/models", timeout=30).json()["data"][0]
+        assert (card["backend"], card["precision"]) == (backend, "fp32")
+        served[backend] = []
+        for modality, inputs in (("image", images), ("text", TEXTS)):
+            response = httpx.post(f"{gateway.url}/v1/embeddings", timeout=60,
+                                  json={"model": "tiny", "input": inputs, "modality": modality,
+                                        "encoding_format": "float"})
+            assert response.status_code == 200, response.text
+            served[backend].append(np.array([item["embedding"] for item in response.json()["data"]]))
+        gateway.stop()
+    for onnxruntime, openvino in zip(served["onnxruntime"], served["openvino"]):
+        assert cosines(onnxruntime, openvino).min() >= 0.9999
+    with pytest.raises(RuntimeError) as failure:
+        gateway_factory(HQCLIP_MODEL_REPO=str(variant_repo), HQCLIP_BACKEND="openvino", HQCLIP_PRECISION="int8")
+    log = " ".join(str(failure.value).split())
+    assert "not int8" in log and "HQCLIP_BACKEND=onnxruntime" in log
+
+
+@pytest.mark.slow
 def test_gateway_refuses_a_precision_that_was_not_exported(gateway_factory, tiny_repo):
     with pytest.raises(RuntimeError) as failure:
         gateway_factory(HQCLIP_MODEL_REPO=str(tiny_repo), HQCLIP_PRECISION="int8")

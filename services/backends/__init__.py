@@ -14,7 +14,7 @@ def create_backend(settings: Settings, manifest: Manifest) -> Backend:
 
         return TritonBackend(settings, manifest)
     variant = manifest.variants.get(settings.precision)
-    if variant is not None and variant.runtime == "openvino":
+    if settings.backend == "openvino" or (variant is not None and variant.runtime == "openvino"):
         from services.backends.openvino import OpenVinoBackend
 
         return OpenVinoBackend(settings, manifest)

@@ -1,4 +1,5 @@
-"""In-process OpenVINO: serves the bf16 variant on CPUs with bf16 matrix units (AVX512-BF16, AMX).
+"""In-process OpenVINO: serves the bf16 variant on CPUs with bf16 matrix units (AVX512-BF16, AMX), and fp32 when
+``HQCLIP_BACKEND=openvino`` (its fp32 kernels beat ONNX Runtime's on recent Xeons: docs/precision.md).
 
 ONNX Runtime's CPU provider has almost no bf16 kernels, so a bf16 variant runs here. OpenVINO reads the same
 ``<repo>/<model>/1/model.onnx`` files as the ONNX Runtime backend; ``INFERENCE_PRECISION_HINT`` decides what the
@@ -26,7 +27,8 @@ RUNTIME_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
 def compile_model(core: ov.Core, path: Path, precision: str, threads: int = 0) -> ov.CompiledModel:
     """One model compiled for latency on this machine's CPU, computing in ``precision`` (fp32 or bf16)."""
     if precision not in RUNTIME_PRECISIONS:
-        raise ValueError(f"OpenVINO serves {', '.join(RUNTIME_PRECISIONS)}, not {precision}")
+        raise ValueError(f"OpenVINO serves {', '.join(RUNTIME_PRECISIONS)}, not {precision}: serve {precision} with "
+                         "HQCLIP_BACKEND=onnxruntime")
     config = {"INFERENCE_PRECISION_HINT": RUNTIME_PRECISIONS[precision], "PERFORMANCE_HINT": "LATENCY"}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
