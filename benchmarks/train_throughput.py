@@ -56,7 +56,8 @@ def synthetic_batch(tokenizer, batch_size: int, image_size: int, vocab: int, wor
     neg_descs = [t.replace("red", "green").replace("dog", "cat") for t in descs]
     texts, negatives = descs, neg_descs
     if mixed:
-        choice, rng = TextChoice(DataConfig().p_desc, DataConfig().p_neg_desc), random.Random(0)
+        defaults, rng = DataConfig(), random.Random(0)
+        choice = TextChoice(defaults.p_desc, defaults.p_neg_desc)
         samples = [Sample(key=str(i), image=None, alt=caption(i, 12), desc=descs[i], neg_desc=neg_descs[i],
                           neg_tags=["green car", "wet road", "small cat", "grey sky"]) for i in range(batch_size)]
         texts, negatives = map(list, zip(*(choice.draw(sample, rng) for sample in samples)))

@@ -61,6 +61,7 @@ def test_texts_are_split_by_length_only_when_it_saves_padding():
     assert split([10, 11, 12, 12]) is None  # similar lengths: one call
     assert split([5, 60, 70, 77]) is None  # one short text among long ones saves under a quarter
     assert split([7]) is None
+    assert split([0, 0]) is None  # rows of nothing but padding
 
 
 def test_frozen_timm_tower_keeps_batch_norm_and_activations(tmp_path):

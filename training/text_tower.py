@@ -35,7 +35,9 @@ def split(lengths: list[int]) -> int | None:
     """For texts of ``lengths`` tokens sorted ascending: how many of the shortest go in a batch of their own, so that
     padding each part to its longest text computes the fewest tokens; None when that saves under SPLIT_SAVING."""
     n, longest = len(lengths), lengths[-1]
-    cost, k = min((k * lengths[k - 1] + (n - k) * longest, k) for k in range(1, n)) if n > 1 else (n * longest, 0)
+    if n < 2 or longest == 0:
+        return None
+    cost, k = min((k * lengths[k - 1] + (n - k) * longest, k) for k in range(1, n))
     return k if cost <= (1 - SPLIT_SAVING) * n * longest else None
 
 
