@@ -74,6 +74,20 @@ class Gateway:
         self.stopped = True
 
 
+@pytest.fixture(autouse=True)
+def _no_sigchld_handler_left_behind():
+    """torch's DataLoader, once it has had worker processes, leaves a Python SIGCHLD handler in the process for good,
+    so in this long-lived test process every later child exit (servers, CLI runs) interrupts the main thread with
+    a signal frame. Once in-process bf16/int8 inference has turned on the AMX tile state (test_precision), such a
+    delivery sometimes kills the process with a kernel SIGSEGV (no Python stack; seen in the full suite after
+    test_precision, in test_train and test_triton_backend; cores show the main thread asleep, si_code SI_KERNEL).
+    Put SIGCHLD back after each test; `hqclip train` itself is a process of its own."""
+    before = signal.getsignal(signal.SIGCHLD)
+    yield
+    if signal.getsignal(signal.SIGCHLD) is not before:
+        signal.signal(signal.SIGCHLD, before)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A tiny open_clip checkpoint folder (released-checkpoint layout) with seeded random weights saved in it,
