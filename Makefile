@@ -32,9 +32,8 @@ demo-model: venv apt
 serve: demo-model
 	HQCLIP_MODEL_REPO=model_repo $(BIN)/hqclip serve
 
-# PYTHONFAULTHANDLER: a native crash in the long-lived test process prints every thread's Python stack.
 test: venv apt test-servers
-	PYTHONFAULTHANDLER=1 $(BIN)/pytest
+	$(BIN)/pytest
 
 # Fast lane for your own loop: no real servers, no training.
 test-fast: venv
