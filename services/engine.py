@@ -20,7 +20,7 @@ from services.manifest import Manifest, load_manifest
 from services.metrics import Metrics
 from services.preprocess import ImageError, ImagePreprocessor
 from services.settings import Settings
-from services.tokenizer import load_tokenizer
+from services.tokenizer import load_tokenizer, trim_padding
 
 # A prompt ensemble for zero-shot classification: the seven templates the CLIP authors found best on ImageNet.
 DEFAULT_TEMPLATES = (
@@ -53,18 +53,27 @@ class Engine:
     async def start(self) -> None:
         """Create the batchers on the running loop."""
         batch = self.settings.batch
-        shapes = {self.image_model: (min(batch.image_max_size, batch.max_size), batch.image_workers),
-                  self.text_model: (batch.max_size, batch.workers)}
-        for model, (max_size, workers) in shapes.items():
+        shapes = {self.image_model: (self._run_images, min(batch.image_max_size, batch.max_size), batch.image_workers),
+                  self.text_model: (self._run_texts, batch.max_size, batch.workers)}
+        for model, (run, max_size, workers) in shapes.items():
             self._batchers[model] = MicroBatcher(
                 model,
-                lambda rows, model=model: self.backend.infer(model, rows),
+                run,
                 max_size,
                 batch.max_delay_ms / 1000,
                 batch.queue_size,
                 workers,
                 self.metrics,
             )
+
+    async def _run_images(self, pixels: np.ndarray) -> np.ndarray:
+        return await self.backend.infer(self.image_model, pixels)
+
+    async def _run_texts(self, ids: np.ndarray) -> np.ndarray:
+        """One batch of ids through the text tower, cut after its longest text where the tower allows."""
+        if self.manifest.text.any_length:
+            ids = trim_padding(ids, self.manifest.text.tokenizer.pad_id)
+        return await self.backend.infer(self.text_model, ids)
 
     async def close(self) -> None:
         for batcher in self._batchers.values():

@@ -49,6 +49,9 @@ class TextSpec(TowerIO):
     """Text tower: int64 token ids in (padded with pad_id), L2-normalised float32 embeddings out."""
 
     tokenizer: TokenizerSpec
+    any_length: bool = Field(
+        False, description="The tower takes ids of any length up to the context length, with the same embeddings: "
+        "the services cut each batch after its longest text. False: always the full context length.")
 
 
 class TagSpec(TowerIO):

@@ -24,7 +24,7 @@ from tritonclient.grpc import model_config_pb2
 
 from services.manifest import load_manifest, sha256_file
 from services.preprocess import ImagePreprocessor
-from services.tokenizer import load_tokenizer
+from services.tokenizer import load_tokenizer, trim_padding
 from training.export import export_checkpoint, export_model
 from training.models import load_model
 from training.tiny import write_tiny_checkpoint
@@ -92,10 +92,11 @@ class Exported:
         with torch.no_grad():
             return self.model.encode_image(batch, normalize=True).numpy()
 
-    def onnx_texts(self, texts: list[str]) -> np.ndarray:
+    def onnx_texts(self, texts: list[str], cut: int | None = None) -> np.ndarray:
+        """Through the services' tokenizer; the ids cut to their first ``cut`` columns when given."""
         manifest = load_manifest(self.repo)
         ids, _ = load_tokenizer(manifest.text.tokenizer, self.repo)(texts)
-        return self.session(manifest.text.model).run(None, {"input_ids": ids})[0]
+        return self.session(manifest.text.model).run(None, {"input_ids": ids[:, :cut]})[0]
 
     def torch_texts(self, texts: list[str]) -> np.ndarray:
         tokenizer = open_clip.get_tokenizer(f"local-dir:{self.checkpoint}")
@@ -133,6 +134,19 @@ def test_text_tower_matches_open_clip(exported, batch):
     assert got.shape == (batch, 64) and got.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(got, axis=-1), 1, atol=1e-5)
     assert rowwise_cosine(got, want).min() >= 0.9999
+
+
+def test_text_tower_takes_ids_cut_after_the_longest_text(exported):
+    """What the services send: a batch of short texts cut after its longest (exactly, or rounded up to 8)."""
+    manifest = load_manifest(exported.repo)
+    assert manifest.text.any_length
+    texts = [t for t in caption_batch(12) if len(t) < 60]
+    ids, _ = load_tokenizer(manifest.text.tokenizer, exported.repo)(texts)
+    longest = int(np.flatnonzero((ids != manifest.text.tokenizer.pad_id).any(axis=0))[-1]) + 1
+    want = exported.torch_texts(texts)  # open_clip, at the full context length
+    for cut in (longest, trim_padding(ids, manifest.text.tokenizer.pad_id).shape[1]):
+        assert cut < manifest.text.tokenizer.context_length
+        assert rowwise_cosine(exported.onnx_texts(texts, cut), want).min() >= 0.9999
 
 
 @pytest.mark.parametrize("batch", [1, 7, 32])
@@ -215,7 +229,8 @@ def test_triton_configs_parse_and_match_the_onnx_graphs(exported):
         for tensor, io_config in ((graph.input[0], config.input[0]), (graph.output[0], config.output[0])):
             dims = tensor.type.tensor_type.shape.dim
             assert dims[0].dim_param and not dims[0].dim_value  # a symbolic (dynamic) batch axis
-            assert list(io_config.dims) == [d.dim_value for d in dims[1:]]  # Triton adds the batch axis itself
+            # Triton adds the batch axis itself; the text tower's sequence axis is dynamic too (-1)
+            assert list(io_config.dims) == [d.dim_value if d.HasField("dim_value") else -1 for d in dims[1:]]
             assert io_config.name == tensor.name
         assert (config.input[0].name, model_config_pb2.DataType.Name(config.input[0].data_type)) == (input_name,
                                                                                                       input_type)

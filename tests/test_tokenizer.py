@@ -12,7 +12,7 @@ import pytest
 from open_clip.tokenizer import HFTokenizer, SimpleTokenizer, default_bpe
 
 from services.manifest import TokenizerSpec
-from services.tokenizer import ClipBpeTokenizer, clean_text, load_tokenizer
+from services.tokenizer import TRIM_MULTIPLE, ClipBpeTokenizer, clean_text, load_tokenizer, trim_padding
 from training.models import tokenizer_info
 from training.tiny import write_tiny_checkpoint
 
@@ -138,3 +138,16 @@ def test_hf_tokenizer_cleaning_variants(clean, tmp_path):
 def test_services_tokenizer_and_preprocess_import_without_torch():
     code = "import sys, services.tokenizer, services.preprocess; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1]).returncode == 0
+
+
+def test_trim_padding_keeps_every_token_and_cuts_to_a_multiple():
+    tokenizer = ClipBpeTokenizer(default_bpe(), 77)
+    texts = ["a cat", "a photo of a dog on a red sofa, seen from above", "!!!", ""]
+    ids, _ = tokenizer(texts)
+    cut = trim_padding(ids, pad_id=0)
+    longest = max(len(SimpleTokenizer().encode(t)) for t in texts) + 2  # with start and end of text
+    assert cut.shape == (4, -(-longest // TRIM_MULTIPLE) * TRIM_MULTIPLE) and cut.shape[1] < 77
+    np.testing.assert_array_equal(cut, ids[:, : cut.shape[1]])
+    assert not ids[:, cut.shape[1]:].any()  # only padding was dropped ("!" is id 0 too, but inside its text)
+    assert trim_padding(tokenizer(["word " * 100])[0], pad_id=0).shape == (1, 77)  # never past the context
+    assert trim_padding(np.zeros((2, 77), np.int64), pad_id=0).shape == (2, TRIM_MULTIPLE)  # never empty

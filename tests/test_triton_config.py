@@ -69,7 +69,8 @@ def test_configs_parse_and_match_the_onnx_graphs(exported):
             assert [t.name for t in declared] == [t.name for t in actual] == [
                 tower.input if declared is config.input else tower.output]
             assert declared[0].data_type == ONNX_TYPES[actual[0].type]
-            assert list(declared[0].dims) == list(actual[0].shape[1:])  # Triton adds the batch axis itself
+            # Triton adds the batch axis itself; a dynamic axis (the text's sequence) is -1
+            assert list(declared[0].dims) == [d if isinstance(d, int) else -1 for d in actual[0].shape[1:]]
 
         batching = config.dynamic_batching
         assert list(batching.preferred_batch_size) == list(options.preferred_batch_sizes or (MAX_BATCH // 2, MAX_BATCH))
@@ -93,10 +94,12 @@ def test_configs_parse_and_match_the_onnx_graphs(exported):
             assert (config.platform, config.backend) == ("onnxruntime_onnx", "onnxruntime")
         assert (folder / PLAN_SCRIPT).exists() == (options.tensorrt == "plan")
         if options.tensorrt == "plan":
-            check_plan_script(folder, config, options)
+            largest = [manifest.text.tokenizer.context_length] if tower is manifest.text else list(config.input[0].dims)
+            check_plan_script(folder, config, options, largest)
 
 
-def check_plan_script(folder: Path, config: model_config_pb2.ModelConfig, options: TritonOptions) -> None:
+def check_plan_script(folder: Path, config: model_config_pb2.ModelConfig, options: TritonOptions,
+                      largest: list[int]) -> None:
     """The trtexec command builds 1/model.plan from 1/model.onnx for exactly the shapes the config declares."""
     script = (folder / PLAN_SCRIPT).read_text()
     command = shlex.split(next(line for line in script.replace("\\\n", " ").splitlines()
@@ -106,8 +109,9 @@ def check_plan_script(folder: Path, config: model_config_pb2.ModelConfig, option
     assert args["onnx"] == "model.onnx" and (folder / "1" / "model.onnx").is_file()
     assert "cd \"$(dirname \"$0\")/1\"" in script and "mv model.plan.partial model.plan" in script
     tensor = config.input[0]
-    dims = "x".join(str(d) for d in tensor.dims)
-    assert args["minShapes"] == f"{tensor.name}:1x{dims}"
+    smallest = "x".join(str(max(d, 1)) for d in tensor.dims)  # a dynamic axis (-1) from 1 up to its largest
+    dims = "x".join(str(d) for d in largest)
+    assert args["minShapes"] == f"{tensor.name}:1x{smallest}"
     assert args["optShapes"] == f"{tensor.name}:{max(options.preferred_batch_sizes)}x{dims}"
     assert args["maxShapes"] == f"{tensor.name}:{config.max_batch_size}x{dims}"
 

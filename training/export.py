@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import io
 import platform
 import re
 import shutil
@@ -27,7 +28,7 @@ from rich.console import Console
 from torch import nn
 
 from services.manifest import MANIFEST_SUFFIX, ImageSpec, Manifest, TagSpec, TextSpec, TokenizerSpec, sha256_file
-from services.tokenizer import load_tokenizer
+from services.tokenizer import load_tokenizer, trim_padding
 from training.models import TokenizerInfo, load_model, logit_scale_and_bias, tokenizer_info
 from training.onnx_towers import (EMBEDDINGS_OUTPUT, IMAGE_INPUT, TAGS_INPUT, TAGS_OUTPUT, TEXT_INPUT, ImageTower,
                                   TagTower, TextTower)
@@ -57,15 +58,27 @@ def _mha_fastpath_disabled():
 
 
 def _export_onnx(module: nn.Module, example: torch.Tensor, path: Path, input_name: str, output_name: str,
-                 opset: int) -> tuple[int, ...]:
-    """Trace ``module`` on ``example`` into ``path`` with a dynamic batch axis; the output's item shape."""
+                 opset: int, any_length: bool = False) -> tuple[int, ...]:
+    """Trace ``module`` on ``example`` into ``path`` with a dynamic batch axis; the output's item shape.
+
+    ``any_length``: the input's second axis (a text's tokens) is dynamic too. The TorchScript tracer fixes it inside
+    ``nn.MultiheadAttention`` (the key's length becomes a constant), so that export goes through ``torch.export``
+    (the dynamo exporter), at opset 18 or above, the lowest it writes without a version conversion.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), _mha_fastpath_disabled(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer and deprecation chatter about the TorchScript exporter
-        torch.onnx.export(
-            module.eval(), (example,), str(path), input_names=[input_name], output_names=[output_name],
-            dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}}, opset_version=opset, dynamo=False,
-        )
+        if any_length:
+            axes = {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence", max=example.shape[1])}
+            with contextlib.redirect_stdout(io.StringIO()):  # its progress lines
+                torch.onnx.export(module.eval(), (example,), str(path), input_names=[input_name],
+                                  output_names=[output_name], dynamic_shapes=(axes,), opset_version=max(opset, 18),
+                                  dynamo=True, external_data=False)
+        else:
+            torch.onnx.export(
+                module.eval(), (example,), str(path), input_names=[input_name], output_names=[output_name],
+                dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}}, opset_version=opset, dynamo=False,
+            )
         item_shape = tuple(module(example).shape[1:])
     _set_output_shape(path, item_shape)
     return item_shape
@@ -84,23 +97,23 @@ def _set_output_shape(path: Path, item_shape: tuple[int, ...]) -> None:
     onnx.save(graph_model, str(path))
 
 
-def _check_parity(module: nn.Module, path: Path, inputs: dict[int, np.ndarray], what: str) -> None:
-    """ONNX Runtime vs torch at each batch size: the export fails unless every row's cosine >= MIN_COSINE."""
+def _check_parity(module: nn.Module, path: Path, inputs: list[np.ndarray], what: str) -> None:
+    """ONNX Runtime vs torch on each input: the export fails unless every row's cosine >= MIN_COSINE."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
-    for batch, array in inputs.items():
+    for array in inputs:
         got = session.run(None, {input_name: array})[0]
         with torch.no_grad(), _mha_fastpath_disabled():
             want = module(torch.from_numpy(array)).numpy()
         if got.shape != want.shape:
-            raise RuntimeError(f"{what}: ONNX output {got.shape} at batch {batch}, torch {want.shape}")
+            raise RuntimeError(f"{what}: ONNX output {got.shape} for input {array.shape}, torch {want.shape}")
         cosine = (got * want).sum(-1) / np.maximum(np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1),
                                                    1e-12)
         if cosine.min() < MIN_COSINE:
-            raise RuntimeError(f"{what}: ONNX differs from torch at batch {batch} (cosine {cosine.min():.6f}); "
-                               "try another --opset, or report the model")
+            raise RuntimeError(f"{what}: ONNX differs from torch for input {array.shape} (cosine "
+                               f"{cosine.min():.6f}); try another --opset, or report the model")
 
 
 def _image_spec(preprocess_cfg: dict, name: str) -> ImageSpec:
@@ -189,34 +202,37 @@ def export_model(
                                        context_length=tokenizer_info.context_length, clean=tokenizer_info.clean,
                                        pad_id=tokenizer_info.pad_id)
         tokenizer = load_tokenizer(tokenizer_spec, staging)
-        texts = {b: tokenizer([CHECK_TEXTS[i % len(CHECK_TEXTS)] for i in range(b)])[0] for b in batches}
+        texts = [tokenizer([CHECK_TEXTS[i % len(CHECK_TEXTS)] for i in range(b)])[0] for b in batches]
         text_tower = TextTower(model)
-        _export_onnx(text_tower, torch.from_numpy(texts[batches[0]]), text_dir / "1" / "model.onnx", TEXT_INPUT,
-                     EMBEDDINGS_OUTPUT, opset)
+        _export_onnx(text_tower, torch.from_numpy(texts[-1]), text_dir / "1" / "model.onnx", TEXT_INPUT,
+                     EMBEDDINGS_OUTPUT, opset, text_tower.any_length)  # torch.export wants a batch of 2 or more
+        if text_tower.any_length:  # and at the lengths the services cut batches to
+            texts += [trim_padding(ids, tokenizer_spec.pad_id) for ids in texts]
         _check_parity(text_tower, text_dir / "1" / "model.onnx", texts, "text tower")
 
         console.log(f"{name}: exporting the image tower, checking it at batch {batches}")
         image_dir = staging / f"{name}_image"
         height, width = image_spec.size
         rng = np.random.default_rng(0)
-        pixels = {b: rng.integers(0, 256, (b, 3, height, width), dtype=np.uint8) for b in batches}
+        pixels = [rng.integers(0, 256, (b, 3, height, width), dtype=np.uint8) for b in batches]
         image_tower = ImageTower(model, image_spec.mean, image_spec.std)
-        (embed_dim,) = _export_onnx(image_tower, torch.from_numpy(pixels[batches[0]]), image_dir / "1" / "model.onnx",
+        (embed_dim,) = _export_onnx(image_tower, torch.from_numpy(pixels[0]), image_dir / "1" / "model.onnx",
                                     IMAGE_INPUT, EMBEDDINGS_OUTPUT, opset)
         _check_parity(image_tower, image_dir / "1" / "model.onnx", pixels, "image tower")
         embedding = Tensor(EMBEDDINGS_OUTPUT, np.float32, (embed_dim,))
         write_triton_config(image_dir, image_spec.model, [Tensor(IMAGE_INPUT, np.uint8, (3, height, width))],
                             [embedding], max_batch_size, triton)
-        write_triton_config(text_dir, f"{name}_text", [Tensor(TEXT_INPUT, np.int64, (tokenizer_spec.context_length,))],
-                            [embedding], max_batch_size, triton)
+        context = tokenizer_spec.context_length
+        ids = Tensor(TEXT_INPUT, np.int64, (-1,) if text_tower.any_length else (context,), largest=(context,))
+        write_triton_config(text_dir, f"{name}_text", [ids], [embedding], max_batch_size, triton)
 
         tags = None
         if tag_head is not None:
             console.log(f"{name}: exporting the tag head ({len(tag_vocab)} tags)")
             tags_dir = staging / f"{name}_tags"
             tag_tower = TagTower(tag_head.eval())
-            embeddings = {b: rng.standard_normal((b, embed_dim), dtype=np.float32) for b in batches}
-            _export_onnx(tag_tower, torch.from_numpy(embeddings[batches[0]]), tags_dir / "1" / "model.onnx",
+            embeddings = [rng.standard_normal((b, embed_dim), dtype=np.float32) for b in batches]
+            _export_onnx(tag_tower, torch.from_numpy(embeddings[0]), tags_dir / "1" / "model.onnx",
                          TAGS_INPUT, TAGS_OUTPUT, opset)
             _check_parity(tag_tower, tags_dir / "1" / "model.onnx", embeddings, "tag head")
             write_triton_config(tags_dir, f"{name}_tags", [Tensor(TAGS_INPUT, np.float32, (embed_dim,))],
@@ -231,7 +247,8 @@ def export_model(
                                         if weights_desc == "random" else ""),
             embed_dim=embed_dim, logit_scale=logit_scale, logit_bias=logit_bias, max_batch_size=max_batch_size,
             image=image_spec,
-            text=TextSpec(model=f"{name}_text", input=TEXT_INPUT, output=EMBEDDINGS_OUTPUT, tokenizer=tokenizer_spec),
+            text=TextSpec(model=f"{name}_text", input=TEXT_INPUT, output=EMBEDDINGS_OUTPUT, tokenizer=tokenizer_spec,
+                          any_length=text_tower.any_length),
             tags=tags, files=files,
             created={"at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "by": "hqclip export",
                      "opset": str(opset), **_versions()},

@@ -4,6 +4,8 @@
   ``encode_image`` -> L2 normalise. uint8 on the wire is 4x fewer bytes than float32.
 - ``TextTower``: int64 ids [B,L] -> ``encode_text`` -> L2 normalise. The attention mask comes from the model's
   own forward (open_clip's HF tower derives it from ``pad_token_id``; its CLIP tower is causal and pools at EOT).
+  Where padding cannot change an embedding (``any_length``), L may be anything up to the context length: the
+  services cut each batch after its longest text.
 - ``TagTower``: image embeddings [B,D] -> the short-tag head's logits -> sigmoid.
 """
 
@@ -14,6 +16,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from training.text_tower import any_length, encode_unpadded
 
 IMAGE_INPUT = "pixel_values"
 TEXT_INPUT = "input_ids"
@@ -38,8 +42,11 @@ class TextTower(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.any_length = any_length(model)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.any_length:
+            return F.normalize(encode_unpadded(self.model, input_ids), dim=-1)
         return F.normalize(self.model.encode_text(input_ids), dim=-1)
 
 

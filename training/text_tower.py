@@ -66,12 +66,31 @@ def _causal_clip_text(clip: CLIP, tokens: torch.Tensor) -> torch.Tensor:
     return x if clip.text_projection is None else x @ clip.text_projection
 
 
+def _causal(model: nn.Module) -> bool:
+    return isinstance(model, CLIP) and model.attn_mask is not None and model.text_pool_type in ("argmax", "eos")
+
+
+def _masked(model: nn.Module) -> bool:
+    return type(getattr(getattr(model, "text", None), "pooler", None)).__name__ in _MASKED_POOLERS
+
+
+def any_length(model: nn.Module) -> bool:
+    """Whether ``model``'s text tower gives the same embeddings on tokens cut after the batch's longest text."""
+    return _causal(model) or _masked(model)
+
+
+def encode_unpadded(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Unnormalised text features of ``tokens`` [B, L], any L up to the context, for an ``any_length`` model (what
+    ``hqclip export`` traces with a dynamic sequence axis)."""
+    return _causal_clip_text(model, tokens) if _causal(model) else model.encode_text(tokens)
+
+
 def encode_text(model: nn.Module, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
     """``model.encode_text(tokens, normalize)``, on the trimmed tokens where that gives the same embeddings."""
-    if isinstance(model, CLIP) and model.attn_mask is not None and model.text_pool_type in ("argmax", "eos"):
+    if _causal(model):
         features = _in_parts(lambda part: _causal_clip_text(model, part), tokens, 0)  # open_clip pads with 0
         return F.normalize(features, dim=-1) if normalize else features
-    text = getattr(model, "text", None)
-    if type(getattr(text, "pooler", None)).__name__ in _MASKED_POOLERS:
-        return _in_parts(lambda part: model.encode_text(part, normalize=normalize), tokens, text.config.pad_token_id)
+    if _masked(model):
+        pad_id = model.text.config.pad_token_id
+        return _in_parts(lambda part: model.encode_text(part, normalize=normalize), tokens, pad_id)
     return model.encode_text(tokens, normalize=normalize)

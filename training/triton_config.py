@@ -33,15 +33,17 @@ PLAN_SCRIPT = "build_tensorrt_plan.sh"
 class Tensor:
     name: str
     dtype: np.dtype
-    dims: tuple[int, ...]  # one item's shape, without the batch axis
+    dims: tuple[int, ...]  # one item's shape, without the batch axis; -1: any size up to ``largest``'s
+    largest: tuple[int, ...] | None = None  # the largest item, where dims has a -1 (TensorRT builds up to it)
 
     def pbtxt(self) -> str:
         dims = ", ".join(str(d) for d in self.dims)
         return f'  {{\n    name: "{self.name}"\n    data_type: {TRITON_DTYPES[np.dtype(self.dtype)]}\n    dims: [ {dims} ]\n  }}'
 
-    def shape(self, batch: int) -> str:
-        """trtexec's shape syntax: ``name:BxD1xD2``."""
-        return f"{self.name}:" + "x".join(str(d) for d in (batch, *self.dims))
+    def shape(self, batch: int, smallest: bool = False) -> str:
+        """trtexec's shape syntax: ``name:BxD1xD2``; a variable axis at 1 (``smallest``) or at its largest size."""
+        dims = tuple(1 if d == -1 else d for d in self.dims) if smallest else self.largest or self.dims
+        return f"{self.name}:" + "x".join(str(d) for d in (batch, *dims))
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,8 @@ def plan_script(name: str, inputs: list[Tensor], max_batch_size: int, options: T
     """A bash script that builds ``1/model.plan`` from ``1/model.onnx`` with trtexec (skipped when up to date)."""
     optimal = options.preferred(max_batch_size)[-1]
     shapes = {"min": 1, "opt": optimal, "max": max_batch_size}
-    shape_args = " ".join(f"--{k}Shapes={','.join(t.shape(b) for t in inputs)}" for k, b in shapes.items())
+    shape_args = " ".join(f"--{k}Shapes={','.join(t.shape(b, smallest=k == 'min') for t in inputs)}"
+                          for k, b in shapes.items())
     precision = " --fp16" if options.tensorrt_precision == "fp16" else ""
     workspace_mib = int(options.tensorrt_workspace_gb * 1024)
     return f"""#!/usr/bin/env bash
