@@ -127,6 +127,30 @@ def test_image_tower_matches_open_clip_on_real_photos(exported, batch):
     assert rowwise_cosine(got, want).min() >= 0.9999
 
 
+def test_a_vit_runs_its_last_block_for_the_class_token_only(exported):
+    """Same features as open_clip's ViT with fewer FLOPs (the export traces this path; the test above holds the
+    ONNX embeddings to open_clip's own forward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from training.onnx_towers import class_token_features, pools_class_token
+
+    visual = exported.model.visual
+    assert pools_class_token(visual) == (type(visual).__name__ == "VisionTransformer")
+    if not pools_class_token(visual):
+        return
+    pixels = torch.randn(4, 3, 64, 64)
+    flops = {}
+    with torch.no_grad():
+        for name, run in (("open_clip", visual), ("class token", lambda x: class_token_features(visual, x))):
+            with FlopCounterMode(display=False) as counter:
+                flops[name] = (run(pixels), counter.get_total_flops())
+    torch.testing.assert_close(flops["class token"][0], flops["open_clip"][0], atol=1e-5, rtol=1e-5)
+    blocks, tokens = len(visual.transformer.resblocks), visual._embeds(pixels).shape[1]
+    saved = 1 - flops["class token"][1] / flops["open_clip"][1]
+    # the last block's attention output and MLP for all tokens but one: most of a block, never all of it
+    assert 0.25 / blocks < saved < 1 / blocks * (tokens - 1) / tokens, (saved, blocks, tokens)
+
+
 @pytest.mark.parametrize("batch", [1, 7, 32])
 def test_text_tower_matches_open_clip(exported, batch):
     texts = caption_batch(batch)
