@@ -1,10 +1,11 @@
 """Gateway vs in-process ONNX Runtime: images/s and texts/s, same model, same batch, side by side.
 
     .venv/bin/python benchmarks/gateway_bench.py --repo model_repo [--model demo] [--batch 8] [--seconds 10]
+                                                 [--inputs images|texts|both]
 
 For each modality and concurrency (1 and 8) it measures, alternating A then B so the machine's drift cancels:
-  A. in-process: the same preprocessing / tokenizer and one ONNX Runtime session with the gateway's session
-     options, `concurrency` threads each running a batch of `batch` inputs;
+  A. in-process: the same preprocessing / tokenizer (and cut of padding) and one ONNX Runtime session with the
+     gateway's session options, `concurrency` threads each running a batch of `batch` inputs;
   B. HTTP: a real gateway process (uvicorn) and `concurrency` clients each posting `batch` inputs per request.
 It prints a table with the ratio B/A (target: >= 0.9 at concurrency 8) and appends it to benchmarks/RESULTS.md
 with --record.
@@ -37,7 +38,7 @@ from services.backends.onnxruntime import session_options  # noqa: E402
 from services.manifest import load_manifest  # noqa: E402
 from services.preprocess import ImagePreprocessor  # noqa: E402
 from services.settings import Settings  # noqa: E402
-from services.tokenizer import load_tokenizer  # noqa: E402
+from services.tokenizer import load_tokenizer, trim_padding  # noqa: E402
 from tests.conftest import free_port, wait_until_healthy  # noqa: E402
 from tests.photos import PHOTO_NAMES, jpeg  # noqa: E402
 
@@ -88,6 +89,7 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--inputs", choices=["images", "texts", "both"], default="both")
     parser.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = parser.parse_args()
 
@@ -110,6 +112,8 @@ def main() -> None:
 
     def in_process_texts() -> int:
         ids, _ = tokenizer(text_batch)
+        if manifest.text.any_length:  # the same work as the gateway's text batches
+            ids = trim_padding(ids, manifest.text.tokenizer.pad_id)
         sessions[manifest.text.model].run(None, {manifest.text.input: ids})
         return len(ids)
 
@@ -128,8 +132,10 @@ def main() -> None:
                       "input": [base64.b64encode(d).decode() for d in image_batch]}
         text_body = {"model": manifest.name, "input": text_batch}
         rows = []
-        for modality, local, body in (("images", in_process_images, image_body), ("texts", in_process_texts,
-                                                                                   text_body)):
+        arms = {"images": (in_process_images, image_body), "texts": (in_process_texts, text_body)}
+        for modality, (local, body) in arms.items():
+            if args.inputs not in (modality, "both"):
+                continue
             for concurrency in (1, 8):
                 local()  # warm-up
                 asyncio.run(http_rate(url, 1.0, concurrency, "/v1/embeddings", body, args.batch))
