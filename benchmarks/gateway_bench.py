@@ -32,7 +32,7 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.results import record  # noqa: E402
+from benchmarks.results import publish  # noqa: E402
 
 from services.backends.onnxruntime import session_options  # noqa: E402
 from services.manifest import load_manifest  # noqa: E402
@@ -155,10 +155,7 @@ def main() -> None:
              f"batch {args.batch} per request, {machine}, ONNX Runtime {ort.__version__}",
              "", "| inputs | concurrency | in-process /s | HTTP gateway /s | ratio |", "|---|---|---|---|---|"]
     lines += [f"| {m} | {c} | {a:.1f} | {b:.1f} | {r:.2f} |" for m, c, a, b, r in rows]
-    table = "\n".join(lines)
-    print(table)
-    if args.record:
-        record(table)
+    publish(lines, args.record)
 
 
 if __name__ == "__main__":

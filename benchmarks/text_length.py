@@ -25,7 +25,7 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.results import record  # noqa: E402
+from benchmarks.results import publish  # noqa: E402
 
 from services.backends.onnxruntime import session_options  # noqa: E402
 from services.engine import DEFAULT_TEMPLATES  # noqa: E402
@@ -94,10 +94,7 @@ def main() -> None:
              "", "| texts | tokens full | tokens cut | full /s | cut /s | speed-up | min cosine |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {k} | {f} | {c} | {a:.0f} | {b:.0f} | {r:.2f}x | {cos:.6f} |" for k, f, c, a, b, r, cos in rows]
-    table = "\n".join(lines)
-    print(table)
-    if args.record:
-        record(table)
+    publish(lines, args.record)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.results import record  # noqa: E402
+from benchmarks.results import publish  # noqa: E402
 from benchmarks.text_length import rate  # noqa: E402
 from services.backends.openvino import compile_model  # noqa: E402
 from training.export import _export_onnx  # noqa: E402
@@ -86,10 +86,7 @@ def main() -> None:
              "", "| runtime | all tokens images/s | class token images/s | speed-up | min cosine |",
              "|---|---|---|---|---|"]
     lines += [f"| {r} | {a:.2f} | {b:.2f} | {s:.3f}x | {c:.6f} |" for r, a, b, s, c in rows]
-    table = "\n".join(lines)
-    print(table)
-    if args.record:
-        record(table)
+    publish(lines, args.record)
 
 
 if __name__ == "__main__":
