@@ -2,6 +2,8 @@
 
 Each model gets one batcher. A request submits its rows; a worker takes the first waiting row, waits at most
 ``max_delay`` for others (from any request) up to ``max_size``, runs one backend call and hands each row its result.
+With ``max_delay`` 0 (the default) nobody waits: a batch is whatever is queued when a worker is free, and under
+load the queue fills while the backend runs, so batches grow by themselves.
 The backlog is bounded: items submitted and not yet answered (waiting or running) never exceed ``queue_size``;
 a request that would pass it is refused at once (429), never queued without limit.
 """

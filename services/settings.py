@@ -23,7 +23,10 @@ class BatchSettings(BaseModel):
         8, ge=1, description="Most images one backend call takes (and never more than max_size): image towers on CPU "
         "run fastest per image in small batches (README, Settings).",
     )
-    max_delay_ms: float = Field(5.0, ge=0, description="How long the first item waits for others to join.")
+    max_delay_ms: float = Field(
+        0.0, ge=0, description="How long the first item waits for others to join. 0: a batch is what is waiting when "
+        "a backend call can start; batches grow by themselves while the backend is busy (benchmarks/RESULTS.md).",
+    )
     queue_size: int = Field(512, ge=1, description="Items waiting per model before requests get 429.")
     workers: int = Field(1, ge=1, description="Backend calls running at once for texts.")
     image_workers: int = Field(
