@@ -302,6 +302,15 @@ def test_model_name_with_pretrained_file(tmp_path):
     assert rowwise_cosine(exported.onnx_texts(texts), exported.torch_texts(texts)).min() >= 0.9999
 
 
+def test_a_max_batch_of_one_still_exports_dynamic_axes(tmp_path):
+    """torch.export fixes an axis it traces at size 1: the text tower must not learn batch 1 from the setting."""
+    export_checkpoint(str(write_tiny_checkpoint(tmp_path / "checkpoint")), out=tmp_path / "repo", name="one",
+                      max_batch_size=1)
+    for tower in ("one_text", "one_image"):
+        session = ort.InferenceSession(str(tmp_path / "repo" / tower / "1" / "model.onnx"))
+        assert isinstance(session.get_inputs()[0].shape[0], str), (tower, session.get_inputs()[0].shape)
+
+
 class Explodes(torch.nn.Module):
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("boom")

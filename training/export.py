@@ -204,8 +204,9 @@ def export_model(
         tokenizer = load_tokenizer(tokenizer_spec, staging)
         texts = [tokenizer([CHECK_TEXTS[i % len(CHECK_TEXTS)] for i in range(b)])[0] for b in batches]
         text_tower = TextTower(model)
-        _export_onnx(text_tower, torch.from_numpy(texts[-1]), text_dir / "1" / "model.onnx", TEXT_INPUT,
-                     EMBEDDINGS_OUTPUT, opset, text_tower.any_length)  # torch.export wants a batch of 2 or more
+        example = tokenizer(CHECK_TEXTS[:2])[0]  # torch.export fixes an axis it sees at size 1: trace at batch 2
+        _export_onnx(text_tower, torch.from_numpy(example), text_dir / "1" / "model.onnx", TEXT_INPUT,
+                     EMBEDDINGS_OUTPUT, opset, text_tower.any_length)
         if text_tower.any_length:  # and at the lengths the services cut batches to
             texts += [trim_padding(ids, tokenizer_spec.pad_id) for ids in texts]
         _check_parity(text_tower, text_dir / "1" / "model.onnx", texts, "text tower")
