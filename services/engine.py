@@ -53,8 +53,9 @@ class Engine:
     async def start(self) -> None:
         """Create the batchers on the running loop."""
         batch = self.settings.batch
-        shapes = {self.image_model: (self._run_images, min(batch.image_max_size, batch.max_size), batch.image_workers),
-                  self.text_model: (self._run_texts, batch.max_size, batch.workers)}
+        largest = min(batch.max_size, self.manifest.max_batch_size)  # what the towers take (Triton refuses more)
+        shapes = {self.image_model: (self._run_images, min(batch.image_max_size, largest), batch.image_workers),
+                  self.text_model: (self._run_texts, largest, batch.workers)}
         for model, (run, max_size, workers) in shapes.items():
             self._batchers[model] = MicroBatcher(
                 model,

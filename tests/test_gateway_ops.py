@@ -53,6 +53,20 @@ def test_images_go_to_the_backend_in_batches_of_8_and_texts_of_up_to_32(gateway)
     assert (texts_after[0] - texts_before[0], texts_after[1] - texts_before[1]) == (1, 0)  # 12 at once
 
 
+def test_batches_never_pass_the_models_max_batch_size(gateway_factory, tiny_checkpoint, tmp_path):
+    """A model exported with --max-batch-size 4: Triton would refuse a larger batch, so the gateway never sends one."""
+    from training.export import export_checkpoint
+
+    export_checkpoint(str(tiny_checkpoint), out=tmp_path / "repo", name="tiny", max_batch_size=4)
+    gateway = gateway_factory(HQCLIP_MODEL_REPO=str(tmp_path / "repo"))
+    body = {"model": "tiny", "input": [f"text {i}" for i in range(12)]}
+    assert httpx.post(f"{gateway.url}/v1/embeddings", json=body, timeout=60).status_code == 200
+    text = httpx.get(f"{gateway.url}/metrics").text
+    calls = re.search(r'hqclip_batch_size_count\{model="tiny_text"\} ([0-9.]+)', text).group(1)
+    at_most_4 = re.search(r'hqclip_batch_size_bucket\{le="4.0",model="tiny_text"\} ([0-9.]+)', text).group(1)
+    assert float(calls) == float(at_most_4) == 3  # 12 texts in three calls of 4
+
+
 def test_api_keys(gateway_factory):
     secured = gateway_factory(HQCLIP_API_KEYS="key-one, key-two")
     body = {"model": "tiny", "input": ["hello"]}
