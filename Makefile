@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 APT_PACKAGES := tuxpaint-stamps-default fonts-noto-color-emoji chromium
 
-.PHONY: serve test test-fast venv demo-model apt test-servers clean
+.PHONY: serve test test-fast lint serve-only venv demo-model apt test-servers clean
 
 # --- environments ---
 $(STAMP): pyproject.toml clients/python/pyproject.toml
@@ -32,8 +32,23 @@ demo-model: venv apt
 serve: demo-model
 	HQCLIP_MODEL_REPO=model_repo $(BIN)/hqclip serve
 
-test: venv apt test-servers
+test: venv apt test-servers lint serve-only
 	$(BIN)/pytest
+
+lint: venv
+	$(BIN)/ruff check .
+
+# A serve-only install (what the gateway image has): no torch, and the CLI still works or names the extra to add.
+SERVE_ONLY := build/venvs/serve-only
+serve-only:
+	test -x $(SERVE_ONLY)/bin/python || $(PYTHON) -m venv $(SERVE_ONLY)
+	$(SERVE_ONLY)/bin/pip install --quiet --disable-pip-version-check '.[serve]'
+	! $(SERVE_ONLY)/bin/python -c 'import torch' 2>/dev/null
+	$(SERVE_ONLY)/bin/hqclip --help >/dev/null
+	$(SERVE_ONLY)/bin/hqclip serve --help >/dev/null
+	$(SERVE_ONLY)/bin/hqclip export --help >/dev/null
+	if $(SERVE_ONLY)/bin/hqclip export ViT-B-32 --out build/serve-only-repo 2>build/serve-only.log; then exit 1; fi
+	cat build/serve-only.log && grep -q "pip install 'hqclip\[train\]'" build/serve-only.log
 
 # Fast lane for your own loop: no real servers, no training.
 test-fast: venv

@@ -1,11 +1,12 @@
 """Ablation of the HQ-CLIP objective on the demo data: plain CLIP vs +HNI vs +STC vs both.
 
-    python benchmarks/ablation.py [--seeds 3] [--jobs 2] [--json benchmarks/ablation-results.json] [section.field=value ...]
+    python benchmarks/ablation.py [--seeds 3] [--jobs 2] [--json benchmarks/ablation-results.json] \
+        [section.field=value ...]
 
 Same data (the demo's Tux Paint + emoji training split), same model (frozen EfficientNet-Lite0 and MiniLM
-towers, trained projections; training/cached.py), same steps and settings (training/demo.py's
+towers, trained projections; training/demo/cached.py), same steps and settings (training/demo/build.py's
 DEMO_OVERRIDES plus any overrides given here) and the same seeds for every variant; only lambda_hni and
-lambda_stc change. Metrics on the held-out split (training/cached.py: evaluate_heads), mean +- sample std
+lambda_stc change. Metrics on the held-out split (training/demo/cached.py: evaluate_heads), mean +- sample std
 over seeds, printed as a markdown table. Builds the data and tower features first if they are missing
 (the slow part, shared with `hqclip demo build`). Results and discussion: docs/ablation.md.
 """
@@ -37,9 +38,9 @@ def _one(task: tuple) -> dict:
     """Train and evaluate one (variant, seed) in this process (a worker of --jobs)."""
     import torch
 
-    from training.cached import Features, evaluate_heads, train_heads
-    from training.demo import demo_config
-    from training.demo_model import EMBED_DIM
+    from training.demo.build import demo_config
+    from training.demo.cached import Features, evaluate_heads, train_heads
+    from training.demo.model import EMBED_DIM
 
     paths, templates, overrides, hni, stc, seed = task
     torch.set_num_threads(1)  # small matmuls: a second thread waits more than it helps on busy cores
@@ -53,8 +54,8 @@ def _one(task: tuple) -> dict:
 def run(seeds: int, work: Path, overrides: list[str], jobs: int = 1) -> dict:
     from concurrent.futures import ProcessPoolExecutor
 
-    from training.cached import Features
-    from training.demo import build_data, build_features, demo_config
+    from training.demo.build import build_data, build_features, demo_config
+    from training.demo.cached import Features
 
     data = build_data(work)
     paths = build_features(work, data)

@@ -42,11 +42,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.results import record  # noqa: E402
-
-from services.manifest import load_manifest  # noqa: E402
-from services.preprocess import ImagePreprocessor  # noqa: E402
+from hqclip.jobs.precision import GateFailed, export_precision, tower_runner  # noqa: E402
+from hqclip.repo.layout import onnx_path  # noqa: E402
+from hqclip.repo.manifest import load_manifest  # noqa: E402
+from hqclip.repo.preprocess import ImagePreprocessor  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
-from training.precision import GateFailed, export_precision, tower_runner  # noqa: E402
 
 BUILD = ROOT / "build" / "peers"
 REPO = BUILD / "model_repo"
@@ -81,10 +81,10 @@ def matmul_gflops(kind: str, n: int = 2048, seconds: float = 1.5) -> float:
 
     if kind == "numpy-fp32":
         a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-        run = lambda: a @ a  # noqa: E731
+        run = lambda: a @ a
     else:
         a = torch.randn(n, n, dtype=torch.bfloat16 if kind == "torch-bf16" else torch.float32)
-        run = lambda: torch.mm(a, a)  # noqa: E731
+        run = lambda: torch.mm(a, a)
     run()
     best, deadline = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < deadline:
@@ -113,7 +113,7 @@ def prepare(eval_images: int, variants: list[str]) -> dict[str, str]:
     """The exported repository with its variants (gates decide which exist) and the Hugging Face folder."""
     if not (REPO / f"{MODEL}.manifest.json").is_file():
         log("exporting ViT-B-16 (random weights) to the peers' model repository")
-        subprocess.run([sys.executable, "-m", "services.cli", "export", "ViT-B-16", "--out", str(REPO), "--name",
+        subprocess.run([sys.executable, "-m", "hqclip.cli", "export", "ViT-B-16", "--out", str(REPO), "--name",
                         MODEL], cwd=ROOT, check=True)
     outcome = {}
     for precision in variants:
@@ -154,7 +154,7 @@ def in_process_speed(precision: str, pixels: np.ndarray, reps: int = 3) -> float
     """Images/s of the variant's image tower at batch 8 in this process (the runtime the gateway uses)."""
     manifest = load_manifest(REPO, MODEL)
     model = manifest.towers(precision)[0]
-    run = tower_runner(REPO / model / "1" / "model.onnx", precision)
+    run = tower_runner(onnx_path(REPO, model), precision)
     run(pixels)
     best = 0.0
     for _ in range(reps):
@@ -216,7 +216,7 @@ def start_servers(variant: str, started: list[Server]) -> None:
                                      ("gateway fp32, OpenVINO", "fp32", "openvino"),
                                      (f"gateway {variant}", variant, "onnxruntime")):
         port = free_port()
-        started.append(start(name, [python, "-m", "services.cli", "serve"],
+        started.append(start(name, [python, "-m", "hqclip.cli", "serve"],
                              {**gateway_env, "HQCLIP_PRECISION": precision, "HQCLIP_BACKEND": backend,
                               "HQCLIP_PORT": str(port)}, port, "/v1/embeddings", image_request, "/ready"))
     port = free_port()

@@ -33,12 +33,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.results import publish  # noqa: E402
-
+from hqclip.repo.layout import onnx_path  # noqa: E402
+from hqclip.repo.manifest import load_manifest  # noqa: E402
+from hqclip.repo.preprocess import ImagePreprocessor  # noqa: E402
+from hqclip.repo.tokenizer import load_tokenizer, trim_padding  # noqa: E402
 from services.backends.onnxruntime import session_options  # noqa: E402
-from services.manifest import load_manifest  # noqa: E402
-from services.preprocess import ImagePreprocessor  # noqa: E402
 from services.settings import Settings  # noqa: E402
-from services.tokenizer import load_tokenizer, trim_padding  # noqa: E402
 from tests.conftest import free_port, wait_until_healthy  # noqa: E402
 from tests.photos import PHOTO_NAMES, jpeg  # noqa: E402
 
@@ -95,7 +95,7 @@ def main() -> None:
 
     manifest = load_manifest(args.repo, args.model)
     settings = Settings()  # the gateway's own session options, so that A and B run the same sessions
-    sessions = {m: ort.InferenceSession(str(args.repo / m / "1" / "model.onnx"),
+    sessions = {m: ort.InferenceSession(str(onnx_path(args.repo, m)),
                                         session_options(settings, text_tower=m == manifest.text.model),
                                         providers=["CPUExecutionProvider"])
                 for m in (manifest.image.model, manifest.text.model)}
@@ -123,7 +123,7 @@ def main() -> None:
     log = ROOT / "build" / "gateway_bench.log"
     log.parent.mkdir(exist_ok=True)
     with open(log, "wb") as out:
-        server = subprocess.Popen([sys.executable, "-m", "services.cli", "serve"], env=env, cwd=ROOT,
+        server = subprocess.Popen([sys.executable, "-m", "hqclip.cli", "serve"], env=env, cwd=ROOT,
                                   stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -150,7 +150,8 @@ def main() -> None:
         server.terminate()
         server.wait(timeout=30)
 
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+               f"Python {platform.python_version()}")
     lines = [f"### Gateway vs in-process ONNX Runtime — model `{manifest.name}` ({manifest.architecture}), "
              f"batch {args.batch} per request, {machine}, ONNX Runtime {ort.__version__}",
              "", "| inputs | concurrency | in-process /s | HTTP gateway /s | ratio |", "|---|---|---|---|---|"]

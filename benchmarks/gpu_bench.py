@@ -42,8 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.results import record  # noqa: E402
-
-from services.manifest import load_manifest  # noqa: E402
+from hqclip.repo.layout import onnx_path  # noqa: E402
+from hqclip.repo.manifest import load_manifest  # noqa: E402
 from training.export import default_name, export_checkpoint  # noqa: E402
 from training.models import load_model  # noqa: E402
 from training.onnx_towers import IMAGE_INPUT, ImageTower  # noqa: E402
@@ -224,7 +224,7 @@ def export_tower(model: str, workdir: Path, max_batch: int) -> tuple[Path, tuple
         print(f"exporting {model} to {repo} (once) ...", flush=True)
         export_checkpoint(model, out=repo, name=name, max_batch_size=max_batch)
     manifest = load_manifest(repo, name)
-    return repo / manifest.image.model / "1" / "model.onnx", tuple(manifest.image.size)
+    return onnx_path(repo, manifest.image.model), tuple(manifest.image.size)
 
 
 def card_name(device: str) -> str:

@@ -23,9 +23,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.results import record  # noqa: E402
-
 from benchmarks.index_bench import DIM, clustered, percentile  # noqa: E402
+from benchmarks.results import record  # noqa: E402
 from services.index.vectors import IndexSpec, gpu_resources, new_vectors  # noqa: E402
 from services.settings import IndexParams  # noqa: E402
 

@@ -45,7 +45,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.results import record  # noqa: E402
-
 from services.index.store import Collection, Item  # noqa: E402
 from services.index.vectors import IndexSpec  # noqa: E402
 from services.settings import IndexParams  # noqa: E402
@@ -118,7 +117,7 @@ def start_gateway(repo: Path, folder: Path, log: Path) -> tuple[subprocess.Popen
     env = {**os.environ, "HQCLIP_MODEL_REPO": str(repo), "HQCLIP_INDEX__DIR": str(folder), "HQCLIP_PORT": str(port),
            "HQCLIP_LOG_LEVEL": "warning"}
     with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "services.cli", "serve"], cwd=ROOT, env=env, stdout=out,
+        process = subprocess.Popen([sys.executable, "-m", "hqclip.cli", "serve"], cwd=ROOT, env=env, stdout=out,
                                    stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     wait_until_healthy(url, process, log)
@@ -129,8 +128,8 @@ def model_repo(given: Path | None, work: Path) -> Path:
     """The given model repository, or the tiny test model exported into ``work`` (needs the train extra)."""
     if given is not None:
         return given
+    from tests.tiny import write_tiny_checkpoint
     from training.export import export_checkpoint
-    from training.tiny import write_tiny_checkpoint
 
     repo = work / "repo"
     export_checkpoint(str(write_tiny_checkpoint(work / "tiny")), out=repo, name="tiny")
@@ -162,9 +161,10 @@ def http_vs_direct(folder: Path, direct: dict[str, Collection], repo: Path | Non
             for kind, collection in direct.items():
                 path = f"/v1/collections/{kind}/search"
                 bodies = [json.dumps({"vector": q.tolist(), "top_k": K}) for q in queries]
-                ways = {"direct": lambda i: collection.vectors.search(queries[i][None, :], K),
-                        "http": lambda i: over_http(path, bodies[i]),
-                        "httpx": lambda i: client.post(path, content=bodies[i], headers=headers).raise_for_status()}
+                ways = {"direct": lambda i, c=collection: c.vectors.search(queries[i][None, :], K),
+                        "http": lambda i, p=path, b=bodies: over_http(p, b[i]),
+                        "httpx": lambda i, p=path, b=bodies: client.post(p, content=b[i],
+                                                                         headers=headers).raise_for_status()}
                 for i in range(len(queries)):  # warm every query's path once
                     over_http(path, bodies[i])
                 times: dict[str, list[float]] = {name: [] for name in ways}
@@ -212,7 +212,7 @@ def report(index_rows: list[dict], http_rows: list[dict], skipped: list[str], ar
         lines.append(f"- Target recall@10 >= 0.95 at 1M (approximate kinds): {verdict} — best "
                      f"{top['kind']} {top['knob']}: {top['recall']:.3f} at {top['qps']:.0f} queries/s.")
     if not http_rows:
-        return "\n".join(lines + [""])
+        return "\n".join([*lines, ""])
     lines += ["", f"### Search latency: HTTP vs FAISS direct ({args.http_size:,} vectors, {args.rounds} single "
               "queries each way, in alternating blocks; default index parameters)", "",
               "| kind | FAISS p50 ms | HTTP p50 ms | FAISS p99 ms | HTTP p99 ms | p50 gap ms | target gap <= 2 ms "

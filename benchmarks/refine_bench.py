@@ -37,7 +37,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.results import record  # noqa: E402
-
 from services.refine.prompt import DEFAULT_PROMPT, messages  # noqa: E402
 from services.refine.schema import RESPONSE_FORMAT  # noqa: E402
 from tests.conftest import free_port, wait_until_healthy  # noqa: E402
@@ -68,8 +67,8 @@ async def rate(seconds: float, concurrency: int, post) -> tuple[int, float]:
 
 def tiny_repo(folder: Path) -> Path:
     """A tiny exported embedding model: the gateway needs one to start."""
+    from tests.tiny import write_tiny_checkpoint
     from training.export import export_checkpoint
-    from training.tiny import write_tiny_checkpoint
 
     export_checkpoint(str(write_tiny_checkpoint(folder / "checkpoint")), out=folder / "repo", name="tiny")
     return folder / "repo"
@@ -111,7 +110,7 @@ def main() -> None:
                    "HQCLIP_REFINE__CONCURRENCY": str(max(args.concurrency))}
             log = tmp / "gateway.log"
             with open(log, "wb") as out:
-                gateway = subprocess.Popen([sys.executable, "-m", "services.cli", "serve"], cwd=ROOT, env=env,
+                gateway = subprocess.Popen([sys.executable, "-m", "hqclip.cli", "serve"], cwd=ROOT, env=env,
                                            stdout=out, stderr=subprocess.STDOUT)
             url = f"http://127.0.0.1:{port}"
             wait_until_healthy(url, gateway, log)

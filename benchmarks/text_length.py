@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/text_length.py --repo build/textbench --model vitb16 [--batch 32] [--record]
 
 The gateway cuts a text batch after its longest text when the manifest says the tower takes any length
-(``TextSpec.any_length``; services/tokenizer.py ``trim_padding``). This measures what that buys, in process, on the
+(``TextSpec.any_length``; hqclip/repo/tokenizer.py ``trim_padding``). This measures what that buys, in process, on the
 services' own tokenizer and one ONNX Runtime session with the gateway's session options, for three kinds of text:
 zero-shot prompts (a template around a label), captions, and 60-word descriptions (what HQ-CLIP's LVLM writes).
 Each kind: A (full length) and B (cut) alternate, A B A B, so the machine's drift cancels. The embeddings of A and B
@@ -26,12 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.results import publish  # noqa: E402
-
+from hqclip.repo.layout import onnx_path  # noqa: E402
+from hqclip.repo.manifest import load_manifest  # noqa: E402
+from hqclip.repo.prompts import DEFAULT_TEMPLATES  # noqa: E402
+from hqclip.repo.tokenizer import load_tokenizer, trim_padding  # noqa: E402
 from services.backends.onnxruntime import session_options  # noqa: E402
-from services.engine import DEFAULT_TEMPLATES  # noqa: E402
-from services.manifest import load_manifest  # noqa: E402
 from services.settings import Settings  # noqa: E402
-from services.tokenizer import load_tokenizer, trim_padding  # noqa: E402
 
 LABELS = ["tabby cat", "golden retriever", "espresso", "space shuttle", "red fox", "mountain bike", "lighthouse",
           "sushi", "violin", "snowy owl", "fire truck", "sunflower"]
@@ -68,7 +68,7 @@ def main() -> None:
     manifest = load_manifest(args.repo, args.model)
     if not manifest.text.any_length:
         sys.exit(f"{manifest.name}'s text tower takes only the full context length: re-export it with `hqclip export`")
-    session = ort.InferenceSession(str(args.repo / manifest.text.model / "1" / "model.onnx"),
+    session = ort.InferenceSession(str(onnx_path(args.repo, manifest.text.model)),
                                    session_options(Settings(), text_tower=True), providers=["CPUExecutionProvider"])
     tokenizer = load_tokenizer(manifest.text.tokenizer, args.repo)
     rows = []
@@ -83,7 +83,7 @@ def main() -> None:
         rates = {"full": [], "cut": []}
         for _ in range(2):  # A B A B
             for name in rates:
-                rates[name].append(rate(lambda name=name: len(embed[name]()), args.seconds / 2))
+                rates[name].append(rate(lambda run=embed[name]: len(run()), args.seconds / 2))
         full_rate, cut_rate = float(np.mean(rates["full"])), float(np.mean(rates["cut"]))
         rows.append((kind, full.shape[1], cut.shape[1], full_rate, cut_rate, cut_rate / full_rate, cosine))
         print(rows[-1], flush=True)

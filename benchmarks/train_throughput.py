@@ -24,13 +24,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.results import record  # noqa: E402
-
-from training.config import DataConfig, LossConfig  # noqa: E402
-from training.data import Sample, TextChoice  # noqa: E402
-from training.losses import HQCLIPLoss  # noqa: E402
-from training.tag_head import TagHead  # noqa: E402
-from training.train import HQCLIPModel, TrainStep, freeze_towers, load_bundle, param_groups  # noqa: E402
+from benchmarks.results import record
+from training.config import DataConfig, LossConfig
+from training.data import Sample, TextChoice
+from training.hqclip_model import HQCLIPModel, freeze_towers, load_bundle
+from training.losses import HQCLIPLoss
+from training.tag_head import TagHead
+from training.train import TrainStep, param_groups
 
 VARIANTS = {
     "contrastive": LossConfig(lambda_hni=0.0, lambda_stc=0.0),
@@ -47,7 +47,8 @@ def synthetic_batch(tokenizer, batch_size: int, image_size: int, vocab: int, wor
     DataConfig defaults): the positive is the ``words``-word description or a 12-word alt text, the negative the
     negative description or four joined negative tags, each drawn per sample."""
     g = torch.Generator().manual_seed(0)
-    pool = "a red car parked on a wet street next to a small dog under a blue sky with clouds".split()
+    pool = ["a", "red", "car", "parked", "on", "a", "wet", "street", "next", "to", "a", "small", "dog", "under", "a",
+            "blue", "sky", "with", "clouds"]
 
     def caption(i: int, n: int) -> str:
         return " ".join((pool * (n // len(pool) + 2))[i % 7:][:n])
@@ -131,10 +132,12 @@ def main() -> None:
     texts = (f"texts drawn per sample (description of {args.words} words or alt text of 12; negative description "
              f"or joined negative tags): {lengths[0]}-{lengths[-1]} tokens" if args.mixed else
              f"captions of {args.words} words ({lengths[-1]} tokens)")
+    runs_on = (f"{torch.cuda.get_device_name()}, bf16 autocast" if device.type == "cuda"
+               else f"fp32 on {torch.get_num_threads()} CPU threads")
     setup = (f"{args.model} (random init), batch {args.batch_size}, {texts} of {batch['positive'].shape[1]}, "
              f"tag vocabulary {args.vocab}, "
              f"{'text tower frozen, ' if args.freeze_text else ''}"
-             f"{torch.cuda.get_device_name() + ', bf16 autocast' if device.type == 'cuda' else f'fp32 on {torch.get_num_threads()} CPU threads'}, "
+             f"{runs_on}, "
              f"median of {args.rounds} interleaved rounds x {args.steps} steps")
     lines = [f"Setup: {setup}.", "",
              "| objective | samples/s (median) | rounds | vs contrastive | samples per CPU-second | vs contrastive |",

@@ -25,11 +25,11 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.results import publish  # noqa: E402
 from benchmarks.text_length import rate  # noqa: E402
+from hqclip.jobs.precision import tower_runner  # noqa: E402
 from services.backends.openvino import compile_model  # noqa: E402
 from training.export import _export_onnx  # noqa: E402
 from training.models import load_model  # noqa: E402
 from training.onnx_towers import EMBEDDINGS_OUTPUT, IMAGE_INPUT, ImageTower  # noqa: E402
-from training.precision import tower_runner  # noqa: E402
 
 RUNTIMES = ["onnxruntime fp32", "openvino fp32", "openvino bf16"]
 

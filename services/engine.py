@@ -13,25 +13,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from hqclip.repo.manifest import Manifest, load_manifest
+from hqclip.repo.preprocess import ImageError, ImagePreprocessor
+from hqclip.repo.tokenizer import load_tokenizer, trim_padding
 from services.backends import Backend, create_backend
 from services.batcher import MicroBatcher
 from services.errors import ApiError
-from services.manifest import Manifest, load_manifest
 from services.metrics import Metrics
-from services.preprocess import ImageError, ImagePreprocessor
 from services.settings import Settings
-from services.tokenizer import load_tokenizer, trim_padding
 
-# A prompt ensemble for zero-shot classification: the seven templates the CLIP authors found best on ImageNet.
-DEFAULT_TEMPLATES = (
-    "itap of a {}.",
-    "a bad photo of the {}.",
-    "a origami {}.",
-    "a photo of the large {}.",
-    "a {} in a video game.",
-    "art of the {}.",
-    "a photo of the small {}.",
-)
 _LABEL_CACHE_SIZE = 8192
 
 

@@ -8,11 +8,10 @@ Settings are built once, in ``services.app.create_app`` or the CLI, never at imp
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated
 
 
 class BatchSettings(BaseModel):

@@ -96,7 +96,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from training.tiny import write_tiny_checkpoint
+    from tests.tiny import write_tiny_checkpoint
 
     folder = write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-checkpoint"))
     torch.manual_seed(0)
@@ -130,10 +130,10 @@ def tagged_repo(tmp_path_factory, tiny_checkpoint) -> Path:
     (the client tests and the web page need /v1/tags to answer)."""
     import torch
 
+    from tests.tiny import TINY_EMBED_DIM
     from training.export import export_model
     from training.models import load_model
     from training.tag_head import TagHead
-    from training.tiny import TINY_EMBED_DIM
 
     loaded = load_model(str(tiny_checkpoint))
     torch.manual_seed(0)
@@ -156,7 +156,7 @@ def gateway_factory(tmp_path_factory, tiny_repo):
                     "HQCLIP_PORT": str(port), "HQCLIP_LOG_LEVEL": "warning", **env}
         log = tmp_path_factory.mktemp("gateway") / "gateway.log"
         with open(log, "wb") as out:
-            process = subprocess.Popen([sys.executable, "-m", "services.cli", "serve"], cwd=ROOT, env=full_env,
+            process = subprocess.Popen([sys.executable, "-m", "hqclip.cli", "serve"], cwd=ROOT, env=full_env,
                                        stdout=out, stderr=subprocess.STDOUT)
         gateway = Gateway(f"http://127.0.0.1:{port}", process, full_env, log)
         started.append(gateway)  # stopped at the end, also when it never becomes healthy

@@ -46,7 +46,7 @@ def crop(image: Image.Image, rng: np.random.Generator, size: int = 96) -> Image.
 
 def annotation(name: str) -> dict:
     alt, desc, tags, neg_tags = SUBJECTS[name]
-    neg_desc = [desc[0].replace(tags[0], neg_tags[0])] + desc[1:]
+    neg_desc = [desc[0].replace(tags[0], neg_tags[0]), *desc[1:]]
     return {"caption": alt, "desc": desc, "neg_desc": neg_desc, "tags": tags, "neg_tags": neg_tags, "label": name}
 
 

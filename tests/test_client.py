@@ -135,15 +135,16 @@ def test_a_gateway_that_never_answers_times_out():
     with socket.socket() as silent:  # accepts connections (kernel backlog) and never answers
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
-        with Client(f"http://127.0.0.1:{silent.getsockname()[1]}", timeout=0.5) as sdk:
-            with pytest.raises(APITimeoutError, match="timed out"):
-                sdk.embed_texts(["hello"])
+        with (Client(f"http://127.0.0.1:{silent.getsockname()[1]}", timeout=0.5) as sdk,
+              pytest.raises(APITimeoutError, match="timed out")):
+            sdk.embed_texts(["hello"])
 
 
 def test_an_unreachable_gateway_is_a_connection_error():
-    with Client(f"http://127.0.0.1:{free_port()}", retry=RetryPolicy(max_retries=2, backoff_s=0.01)) as sdk:
-        with pytest.raises(APIConnectionError, match="cannot reach"):
-            sdk.embed_texts(["hello"])
+    retry = RetryPolicy(max_retries=2, backoff_s=0.01)
+    with (Client(f"http://127.0.0.1:{free_port()}", retry=retry) as sdk,
+          pytest.raises(APIConnectionError, match="cannot reach")):
+        sdk.embed_texts(["hello"])
 
 
 # --- against the real gateway ---

@@ -18,8 +18,8 @@ import jsonschema
 import pytest
 import yaml
 
+from hqclip.repo.triton_config import PLAN_SCRIPT
 from services.settings import Settings
-from training.triton_config import PLAN_SCRIPT
 
 DOCKER = Path(__file__).resolve().parents[1] / "docker"
 GPU_SERVICES = {"triton", "vllm", "trt-build"}  # the gateway is the slim, torch-free image: CPU only

@@ -11,6 +11,7 @@ import pytest
 import torch
 from webdataset import TarWriter
 
+from hqclip.jobs.join import join_annotations
 from tests.photos import encode, photo
 from tests.shards import SUBJECTS, annotation, crop, jpeg, write_shards
 from training.data import (
@@ -19,7 +20,6 @@ from training.data import (
     TextChoice,
     TrainStream,
     iterate_samples,
-    join_annotations,
     train_loader,
 )
 from training.vocab import Vocabulary, build_vocabulary, normalize_tag

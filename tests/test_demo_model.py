@@ -15,8 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
+from hqclip.repo.layout import onnx_path
 from tests.photos import photo
-from training.annotate import COLOURS, STYLES, Item, RuleAnnotator, dominant_colour, parse_subject
+from training.demo.annotate import COLOURS, STYLES, Item, RuleAnnotator, dominant_colour, parse_subject
 
 CAT_CLASSES = {"tabby cat", "tiger cat", "Persian cat", "Siamese cat", "Egyptian Mau"}
 COFFEE_CLASSES = {"espresso", "cup", "coffee mug"}
@@ -37,7 +38,7 @@ def _pixels(image: Image.Image, size: int = 224) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def classifier():
-    from training.demo_model import imagenet_classifier
+    from training.demo.model import imagenet_classifier
 
     return imagenet_classifier()
 
@@ -57,7 +58,7 @@ def test_plain_efficientnet_lite0_is_not_the_same_network(classifier):
     """Why the tf_ variant: the same keys load into timm's efficientnet_lite0, which computes something else."""
     import timm
 
-    from training.demo_model import efficientnet_lite0_state_dict
+    from training.demo.model import efficientnet_lite0_state_dict
 
     plain = timm.create_model("efficientnet_lite0", pretrained=False)
     plain.load_state_dict(efficientnet_lite0_state_dict(), strict=True)
@@ -72,7 +73,7 @@ def test_plain_efficientnet_lite0_is_not_the_same_network(classifier):
 
 @pytest.fixture(scope="module")
 def demo_model():
-    from training.demo_model import build_demo_model
+    from training.demo.model import build_demo_model
 
     return build_demo_model()
 
@@ -100,7 +101,7 @@ def test_text_tower_is_minilm_mean_pooled(demo_model):
     """The HF tower's pooled output equals sentence-transformers' recipe (mean over real tokens)."""
     from transformers import AutoModel, AutoTokenizer
 
-    from training.demo_model import minilm_path, tokenizer
+    from training.demo.model import minilm_path, tokenizer
 
     texts = ["A yak.", "two red   apples &amp; a pear"]
     store = {}
@@ -117,7 +118,7 @@ def test_text_tower_is_minilm_mean_pooled(demo_model):
 
 
 def test_trimmed_text_tower_gives_the_same_embeddings(demo_model):
-    from training.demo_model import tokenizer
+    from training.demo.model import tokenizer
     from training.text_tower import encode_text
 
     long = "a photo of " + "two red apples & a pear on a wooden table, " * 8  # long and short: encoded apart
@@ -212,7 +213,7 @@ def test_dominant_colour_reads_opaque_pixels():
 
 def test_sources_and_samples_in_the_training_format():
     from training.data import decode_sample
-    from training.demo_data import SIZE, annotated_samples, emoji_sources, is_heldout, stamp_sources
+    from training.demo.data import SIZE, annotated_samples, emoji_sources, is_heldout, stamp_sources
 
     stamps, emoji = stamp_sources(), emoji_sources()
     assert len(stamps) > 700 and len(emoji) > 1000
@@ -239,7 +240,7 @@ def small_shard(tmp_path_factory) -> Path:
     """Five annotated Tux Paint stamps as a webdataset shard in the training job's format."""
     import webdataset as wds
 
-    from training.demo_data import annotated_samples, stamp_sources
+    from training.demo.data import annotated_samples, stamp_sources
 
     shard = tmp_path_factory.mktemp("demo-shard") / "train-000000.tar"
     with wds.TarWriter(str(shard)) as writer:
@@ -249,14 +250,14 @@ def small_shard(tmp_path_factory) -> Path:
 
 
 def test_cached_step_equals_the_training_loop_step(demo_model, small_shard):
-    """training/cached.py: loss terms and projection gradients equal training/train.py's on the full model."""
+    """training/demo/cached.py: loss terms and projection gradients equal training/train.py's on the full model."""
     from open_clip.transform import image_transform
 
-    from training.cached import Heads, encode_features, multi_hot
     from training.data import SkipCounter, iterate_samples
-    from training.demo_model import EMBED_DIM, IMAGE_MEAN, IMAGE_SIZE, IMAGE_STD, tokenizer
+    from training.demo.cached import Heads, encode_features, multi_hot
+    from training.demo.model import EMBED_DIM, IMAGE_MEAN, IMAGE_SIZE, IMAGE_STD, tokenizer
+    from training.hqclip_model import HQCLIPModel
     from training.losses import HQCLIPLoss
-    from training.train import HQCLIPModel
     from training.vocab import build_vocabulary
 
     transform, tok = image_transform(IMAGE_SIZE, is_train=False, mean=IMAGE_MEAN, std=IMAGE_STD), tokenizer()
@@ -292,9 +293,9 @@ def test_cached_step_equals_the_training_loop_step(demo_model, small_shard):
 def test_train_heads_learns_and_is_seeded(demo_model, small_shard):
     from open_clip.transform import image_transform
 
-    from training.cached import encode_features, train_heads
-    from training.demo import demo_config
-    from training.demo_model import IMAGE_MEAN, IMAGE_SIZE, IMAGE_STD, tokenizer
+    from training.demo.build import demo_config
+    from training.demo.cached import encode_features, train_heads
+    from training.demo.model import IMAGE_MEAN, IMAGE_SIZE, IMAGE_STD, tokenizer
 
     features = encode_features(demo_model, image_transform(IMAGE_SIZE, is_train=False, mean=IMAGE_MEAN,
                                                            std=IMAGE_STD), tokenizer(), [str(small_shard)],
@@ -319,12 +320,12 @@ def test_exported_demo_model_matches_torch(tmp_path):
     """Export the committed heads; the manifest validates and ONNX equals torch on real photos and texts."""
     import onnxruntime as ort
 
-    from services.manifest import load_manifest
-    from services.preprocess import ImagePreprocessor
-    from services.tokenizer import load_tokenizer
+    from hqclip.repo.manifest import load_manifest
+    from hqclip.repo.preprocess import ImagePreprocessor
+    from hqclip.repo.tokenizer import load_tokenizer
     from tests.photos import jpeg
-    from training.demo import assemble, export
-    from training.demo_model import tokenizer
+    from training.demo.build import assemble, export
+    from training.demo.model import tokenizer
     from training.onnx_towers import ImageTower, TagTower, TextTower
 
     repo = tmp_path / "repo"
@@ -335,7 +336,7 @@ def test_exported_demo_model_matches_torch(tmp_path):
     assert manifest.image.mean == (0.5, 0.5, 0.5) and manifest.text.tokenizer.kind == "hf"
 
     def session(spec):
-        return ort.InferenceSession(str(repo / spec.model / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(onnx_path(repo, spec.model)), providers=["CPUExecutionProvider"])
 
     preprocess = ImagePreprocessor(manifest.image, 20 << 20, 40_000_000)
     pixels = np.stack([preprocess(jpeg(name)) for name in ("chelsea", "coffee", "astronaut", "rocket")])

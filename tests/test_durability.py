@@ -58,13 +58,14 @@ class Writers:
             if n % 5 == 4 and len(live) > 10:  # delete a few
                 ids = [str(i) for i in rng.choice(live, size=3, replace=False)]
                 request = ("DELETE", {"ids": ids})
-                outcome = {i: None for i in ids}
+                outcome = dict.fromkeys(ids)
             else:  # upsert new ids, and replace an old one with a new vector
                 ids = [f"w{writer}-{n}-{j}" for j in range(8)]
                 if live:
                     ids.append(str(rng.choice(live)))
                 vectors = rng.normal(size=(len(ids), self.dim)).astype(np.float32)
-                items = [{"id": i, "vector": v.tolist(), "attributes": {"writer": writer}} for i, v in zip(ids, vectors)]
+                items = [{"id": i, "vector": v.tolist(), "attributes": {"writer": writer}}
+                         for i, v in zip(ids, vectors)]
                 request = ("POST", {"items": items})
                 outcome = dict(zip(ids, vectors))
             method, body = request

@@ -22,12 +22,13 @@ from PIL import Image
 from skimage import data as skdata
 from tritonclient.grpc import model_config_pb2
 
-from services.manifest import load_manifest, sha256_file
-from services.preprocess import ImagePreprocessor
-from services.tokenizer import load_tokenizer, trim_padding
+from hqclip.repo.layout import onnx_path
+from hqclip.repo.manifest import load_manifest, sha256_file
+from hqclip.repo.preprocess import ImagePreprocessor
+from hqclip.repo.tokenizer import load_tokenizer, trim_padding
+from tests.tiny import write_tiny_checkpoint
 from training.export import export_checkpoint, export_model
 from training.models import load_model
-from training.tiny import write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMITS = {"max_bytes": 20 * 1024 * 1024, "max_pixels": 40_000_000}
@@ -77,7 +78,7 @@ class Exported:
     preprocess_cfg: dict
 
     def session(self, model: str) -> ort.InferenceSession:
-        return ort.InferenceSession(str(self.repo / model / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(onnx_path(self.repo, model)), providers=["CPUExecutionProvider"])
 
     def onnx_images(self, images: list[bytes]) -> np.ndarray:
         manifest = load_manifest(self.repo)
@@ -238,7 +239,7 @@ def test_manifest_checksums_catch_a_changed_file(exported, tmp_path):
     shutil.copytree(exported.repo, copy)
     config = copy / "tiny_text" / "config.pbtxt"
     config.write_text(config.read_text().replace("max_batch_size: 32", "max_batch_size: 64"))
-    with pytest.raises(ValueError, match="tiny_text/config.pbtxt"):
+    with pytest.raises(ValueError, match=r"tiny_text/config\.pbtxt"):
         load_manifest(copy, verify=True)
 
 
@@ -249,7 +250,7 @@ def test_triton_configs_parse_and_match_the_onnx_graphs(exported):
         config = text_format.Parse((exported.repo / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
         assert (config.name, config.platform, config.backend) == (model, "onnxruntime_onnx", "onnxruntime")
         assert config.max_batch_size == 32 and config.HasField("dynamic_batching")
-        graph = onnx.load(str(exported.repo / model / "1" / "model.onnx")).graph
+        graph = onnx.load(str(onnx_path(exported.repo, model))).graph
         for tensor, io_config in ((graph.input[0], config.input[0]), (graph.output[0], config.output[0])):
             dims = tensor.type.tensor_type.shape.dim
             assert dims[0].dim_param and not dims[0].dim_value  # a symbolic (dynamic) batch axis
@@ -307,7 +308,7 @@ def test_a_max_batch_of_one_still_exports_dynamic_axes(tmp_path):
     export_checkpoint(str(write_tiny_checkpoint(tmp_path / "checkpoint")), out=tmp_path / "repo", name="one",
                       max_batch_size=1)
     for tower in ("one_text", "one_image"):
-        session = ort.InferenceSession(str(tmp_path / "repo" / tower / "1" / "model.onnx"))
+        session = ort.InferenceSession(str(onnx_path(tmp_path / "repo", tower)))
         assert isinstance(session.get_inputs()[0].shape[0], str), (tower, session.get_inputs()[0].shape)
 
 
@@ -340,7 +341,7 @@ def test_failed_export_changes_nothing_and_reexport_replaces(tmp_path):
 def test_cli_export(tmp_path):
     checkpoint = write_tiny_checkpoint(tmp_path / "my checkpoint")
     result = subprocess.run(
-        [sys.executable, "-m", "services.cli", "export", str(checkpoint), "--out", str(tmp_path / "repo"),
+        [sys.executable, "-m", "hqclip.cli", "export", str(checkpoint), "--out", str(tmp_path / "repo"),
          "--max-batch-size", "8", "--opset", "18"],
         cwd=ROOT, capture_output=True, text=True,
     )

@@ -30,7 +30,7 @@ def expected_probabilities(tiny_model, image_name, templates):
 
 @pytest.mark.parametrize("templates", [None, ["a photo of a {}.", "a drawing of a {}."]])
 def test_classify_matches_softmax_over_learned_scale(gateway, tiny_model, templates):
-    from services.engine import DEFAULT_TEMPLATES
+    from hqclip.repo.prompts import DEFAULT_TEMPLATES
 
     body = {"images": [b64(jpeg("chelsea"))], "labels": LABELS, "top_k": len(LABELS)}
     if templates:

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_models_describes_the_manifest(gateway, tiny_repo):
-    from services.manifest import load_manifest
+    from hqclip.repo.manifest import load_manifest
 
     manifest = load_manifest(tiny_repo)
     card = httpx.get(f"{gateway.url}/v1/models").json()["data"][0]

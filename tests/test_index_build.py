@@ -21,7 +21,7 @@ PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera")
 
 
 def run_build(source, name, env) -> dict:
-    done = subprocess.run([sys.executable, "-m", "services.cli", "index", "build", str(source), name],
+    done = subprocess.run([sys.executable, "-m", "hqclip.cli", "index", "build", str(source), name],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -14,7 +14,8 @@ from services.index.vectors import IndexSpec, gpu_resources
 DIM = 32
 KINDS = ["flat", "hnsw", "ivfpq"]
 # small ivfpq lists so that 40 x 256 = 10,240 items train it; the fixtures below hold more than that
-SPEC = dict(dim=DIM, nlist=16, pq_m=16, nprobe=16, rerank=10, hnsw_m=16, ef_construction=64, ef_search=256)
+SPEC = {"dim": DIM, "nlist": 16, "pq_m": 16, "nprobe": 16, "rerank": 10, "hnsw_m": 16, "ef_construction": 64,
+        "ef_search": 256}
 N = 10_500
 
 
@@ -126,7 +127,7 @@ def test_attribute_equality_is_typed(filled, queries):
 def test_offset_pages_through_the_ranking(filled, queries):
     whole = ids(filled.search(queries[:1], top_k=30)[0])
     pages = [ids(filled.search(queries[:1], top_k=10, offset=o)[0]) for o in (0, 10, 20)]
-    assert sum(pages, []) == whole and len(set(whole)) == 30
+    assert [i for page in pages for i in page] == whole and len(set(whole)) == 30
 
 
 def test_exclude_leaves_out_the_query_item(filled, data):

@@ -75,7 +75,7 @@ def test_hni_pairwise_is_two_way_softmax(features):
 
 
 def test_hni_rewards_the_right_ordering(features):
-    image, text, _ = features
+    image, _text, _ = features
     loss = HardNegativeLoss("pairwise")
     scale = torch.tensor(SCALE)
     assert float(loss(image, image, -image, scale)["hni"]) < float(loss(image, -image, image, scale)["hni"])
@@ -86,7 +86,8 @@ def test_stc_is_multilabel_bce(reduction):
     logits = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
     targets = (torch.rand(4, 6, generator=torch.Generator().manual_seed(1)) > 0.6).to(torch.uint8)
     per_entry = [
-        [-(float(y) * math.log(1 / (1 + math.exp(-float(x)))) + (1 - float(y)) * math.log(1 - 1 / (1 + math.exp(-float(x)))))
+        [-(float(y) * math.log(1 / (1 + math.exp(-float(x))))
+           + (1 - float(y)) * math.log(1 - 1 / (1 + math.exp(-float(x)))))
          for x, y in zip(row_x, row_y)]
         for row_x, row_y in zip(logits, targets)
     ]
@@ -114,7 +115,7 @@ def test_tag_head_bias_starts_at_tag_log_odds():
 
 
 def test_gradients_reach_both_towers_the_head_and_the_scale(tiny_checkpoint):
-    from training.train import HQCLIPModel, freeze_towers, load_bundle
+    from training.hqclip_model import HQCLIPModel, freeze_towers, load_bundle
 
     bundle = load_bundle(str(tiny_checkpoint))
     head = TagHead(64, 4)

@@ -11,11 +11,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from services.manifest import load_manifest
-from services.preprocess import ImagePreprocessor
+from hqclip.jobs.precision import MIN_COSINE, GateFailed, export_precision
+from hqclip.repo.layout import onnx_path
+from hqclip.repo.manifest import load_manifest
+from hqclip.repo.preprocess import ImagePreprocessor
 from tests.conftest import ROOT
 from tests.photos import b64, jpeg
-from training.precision import MIN_COSINE, GateFailed, export_precision
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "retina")
 TEXTS = ["a photo of a cat", "an astronaut in a white suit", "a cup of coffee", "a rocket on its launch pad"]
@@ -37,7 +38,7 @@ def variant_repo(tmp_path_factory, tiny_repo):
     shutil.copytree(tiny_repo, repo)
     missing = repo.parent / "no-demo-data"  # the demo's shards are not built in tests: the offline set is used
     result = subprocess.run(
-        [sys.executable, "-m", "services.cli", "export", "--out", str(repo), "--name", "tiny",
+        [sys.executable, "-m", "hqclip.cli", "export", "--out", str(repo), "--name", "tiny",
          "--precision", "int8", "--precision", "bf16", "--eval-data", str(missing)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
@@ -73,14 +74,14 @@ def test_int8_is_really_quantized_and_close_on_photos(variant_repo):
     import onnx
 
     manifest = load_manifest(variant_repo, "tiny")
-    graph = onnx.load(str(variant_repo / "tiny_image_int8" / "1" / "model.onnx")).graph
+    graph = onnx.load(str(onnx_path(variant_repo, "tiny_image_int8"))).graph
     assert any(node.op_type == "DequantizeLinear" for node in graph.node)
     assert any(init.data_type == onnx.TensorProto.INT8 for init in graph.initializer)
     preprocess = ImagePreprocessor(manifest.image, 1 << 30, 1 << 30)
     pixels = np.stack([preprocess(jpeg(name)) for name in PHOTOS])
     outputs = {}
     for model in ("tiny_image", "tiny_image_int8"):
-        session = ort.InferenceSession(str(variant_repo / model / "1" / "model.onnx"),
+        session = ort.InferenceSession(str(onnx_path(variant_repo, model)),
                                        providers=["CPUExecutionProvider"])
         outputs[model] = session.run(None, {"pixel_values": pixels})[0]
     assert cosines(outputs["tiny_image"], outputs["tiny_image_int8"]).min() >= 0.99
@@ -107,7 +108,7 @@ def test_a_failing_gate_says_which_and_by_how_much_and_writes_nothing(variant_re
 
 
 def test_unknown_precision_is_refused_before_anything_runs(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "services.cli", "export", "--out", str(tmp_path),
+    result = subprocess.run([sys.executable, "-m", "hqclip.cli", "export", "--out", str(tmp_path),
                              "--precision", "int4"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "int4" in result.stderr and "fp32, bf16, int8" in result.stderr

@@ -12,8 +12,8 @@ from open_clip.transform import image_transform
 from PIL import Image
 from skimage import data as skdata
 
-from services.manifest import ImageSpec
-from services.preprocess import ImageError, ImagePreprocessor
+from hqclip.repo.manifest import ImageSpec
+from hqclip.repo.preprocess import ImageError, ImagePreprocessor
 
 LIMITS = {"max_bytes": 20 * 1024 * 1024, "max_pixels": 40_000_000}
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -12,7 +12,7 @@ import pytest
 from services.refine.client import RefineClient, RefineFailed
 from services.refine.schema import JSON_SCHEMA
 from tests.conftest import free_port
-from tests.photos import b64, data_uri, jpeg, photo, encode
+from tests.photos import b64, data_uri, encode, jpeg, photo
 from tests.servers.vllm import MODEL_NAME
 
 pytestmark = pytest.mark.slow
@@ -141,7 +141,7 @@ def test_unusable_answers_are_retried_a_bounded_number_of_times(vllm_server):
             await client.aclose()
 
     before = vllm_server.requests_done()
-    with pytest.raises(RefineFailed, match="after 3 attempts.*not JSON"):
+    with pytest.raises(RefineFailed, match=r"after 3 attempts.*not JSON"):
         asyncio.run(refine())
     assert vllm_server.requests_done() - before == 3
 

@@ -20,7 +20,7 @@ import jsonschema
 import numpy as np
 import pytest
 
-from services.refine.job import Shard, my_shards
+from hqclip.jobs.refine import Shard, my_shards
 from services.refine.schema import JSON_SCHEMA
 from tests.conftest import ROOT
 from tests.photos import encode
@@ -67,7 +67,7 @@ def read_output(folder: Path) -> list[tuple[str, str, dict[str, bytes]]]:
 
 
 def refine_command(source: Path, out: Path, url: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "services.cli", "refine", str(source), "--out", str(out), "--url", url,
+    return [sys.executable, "-m", "hqclip.cli", "refine", str(source), "--out", str(out), "--url", url,
             "--no-progress", *extra]
 
 
@@ -187,7 +187,7 @@ def _png(image) -> bytes:
 def test_workers_split_the_shards_without_overlap():
     shards = [Shard(f"{i:05d}.tar", lambda: iter(())) for i in range(10)]
     parts = [[s.name for s in my_shards(shards, i, 3)] for i in range(3)]
-    assert sorted(sum(parts, [])) == [s.name for s in shards]
+    assert sorted(name for part in parts for name in part) == [s.name for s in shards]
     assert all(len(part) in (3, 4) for part in parts)
     with pytest.raises(ValueError, match="--worker-index"):
         my_shards(shards, 3, 3)

@@ -11,10 +11,10 @@ import open_clip
 import pytest
 from open_clip.tokenizer import HFTokenizer, SimpleTokenizer, default_bpe
 
-from services.manifest import TokenizerSpec
-from services.tokenizer import TRIM_MULTIPLE, ClipBpeTokenizer, clean_text, load_tokenizer, trim_padding
+from hqclip.repo.manifest import TokenizerSpec
+from hqclip.repo.tokenizer import TRIM_MULTIPLE, ClipBpeTokenizer, clean_text, load_tokenizer, trim_padding
+from tests.tiny import write_tiny_checkpoint
 from training.models import tokenizer_info
-from training.tiny import write_tiny_checkpoint
 
 CORPUS = [
     "",
@@ -136,7 +136,7 @@ def test_hf_tokenizer_cleaning_variants(clean, tmp_path):
 
 
 def test_services_tokenizer_and_preprocess_import_without_torch():
-    code = "import sys, services.tokenizer, services.preprocess; sys.exit('torch' in sys.modules)"
+    code = "import sys, hqclip.repo.tokenizer, hqclip.repo.preprocess; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1]).returncode == 0
 
 

@@ -15,14 +15,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
-from services.manifest import load_manifest
-from services.tokenizer import load_tokenizer
+from hqclip.repo.layout import onnx_path
+from hqclip.repo.manifest import load_manifest
+from hqclip.repo.tokenizer import load_tokenizer
 from tests.shards import write_shards
+from training.checkpoint import load_trained
 from training.config import load_config
+from training.hqclip_model import HQCLIPModel, freeze_towers, load_bundle
 from training.losses import HQCLIPLoss
 from training.tag_head import TagHead
 from training.text_tower import encode_text, split, trim
-from training.train import HQCLIPModel, freeze_towers, load_bundle, load_trained, train
+from training.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH = 6
@@ -37,7 +40,7 @@ def test_config_yaml_with_overrides(tmp_path):
     assert cfg.data.train_shards == ["b.tar", "c.tar"] and cfg.model.freeze_image and cfg.optim.grad_clip is None
     with pytest.raises(ValueError, match="lamda_hni"):
         load_config(None, ["loss.lamda_hni=2"])
-    with pytest.raises(ValueError, match="section.field=value"):
+    with pytest.raises(ValueError, match=r"section\.field=value"):
         load_config(None, ["optim.lr"])
 
 
@@ -66,7 +69,7 @@ def test_texts_are_split_by_length_only_when_it_saves_padding():
 
 def test_frozen_timm_tower_keeps_batch_norm_and_activations(tmp_path):
     """Frozen BN by eval mode: running stats stay, outputs equal the tower in eval mode, ReLU6 kept."""
-    from training.tiny import write_tiny_checkpoint
+    from tests.tiny import write_tiny_checkpoint
 
     bundle = load_bundle(str(write_tiny_checkpoint(tmp_path, image_tower="timm")))
     model = bundle.model
@@ -237,12 +240,12 @@ def test_torchrun_train_then_eval_commands(tiny_checkpoint, shards, tmp_path):
     result = _run(hqclip, "export", str(checkpoint), "--out", str(tmp_path / "repo"), "--name", "trained")
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = load_manifest(tmp_path / "repo", "trained", verify=True)
-    bundle, head, vocab = load_trained(checkpoint)
+    bundle, _head, vocab = load_trained(checkpoint)
     assert manifest.tags is not None and manifest.tags.vocabulary == vocab.tags
     assert manifest.weights.startswith(f"hqclip train checkpoint {checkpoint.name}")
     texts = ["a photo of a cat", "an astronaut"]
     ids, _ = load_tokenizer(manifest.text.tokenizer, tmp_path / "repo")(texts)
-    session = onnxruntime.InferenceSession(str(tmp_path / "repo" / "trained_text" / "1" / "model.onnx"))
+    session = onnxruntime.InferenceSession(str(onnx_path(tmp_path / "repo", "trained_text")))
     exported = session.run(None, {manifest.text.input: ids})[0]
     with torch.no_grad():
         trained = torch.nn.functional.normalize(bundle.model.encode_text(bundle.tokenizer(texts)), dim=-1).numpy()

@@ -16,9 +16,9 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from services.manifest import load_manifest
-from training.tiny import TINY_EMBED_DIM
-from training.triton_config import PLAN_SCRIPT, Tensor, TritonOptions, triton_config
+from hqclip.repo.manifest import load_manifest
+from hqclip.repo.triton_config import PLAN_SCRIPT, Tensor, TritonOptions, triton_config
+from tests.tiny import TINY_EMBED_DIM
 
 TAGS = ["cat", "dog", "astronaut", "coffee", "rocket", "snow", "night", "red"]
 MAX_BATCH = 32

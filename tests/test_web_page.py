@@ -42,7 +42,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 async def browser():
-    assert Path(CHROMIUM).exists(), "install Debian's chromium: apt-get install chromium (the Makefile's apt step)"
+    assert Path(CHROMIUM).exists(), "install Debian's chromium: apt-get install chromium (the Makefile's apt step)"  # noqa: ASYNC240
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield browser

@@ -1,4 +1,4 @@
-"""Webdataset shards in, training batches out; and the join that attaches released annotations to shards.
+"""Webdataset shards in, training batches out (the shard format: hqclip/shards.py; the join: hqclip/jobs/join.py).
 
 A sample is what img2dataset writes, ``{key}.jpg|png|webp`` + ``{key}.json`` (+ ``{key}.txt``), with the
 VLM-150M annotation fields in the JSON: ``desc`` and ``neg_desc`` (lists of clauses, joined with ", "),
@@ -22,16 +22,13 @@ import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from hqclip.shards import ANNOTATION_FIELDS, IMAGE_EXTENSIONS
 from training.vocab import Vocabulary
-
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-ANNOTATION_FIELDS = ("desc", "neg_desc", "tags", "neg_tags")
 
 
 class SampleError(ValueError):
@@ -336,72 +333,3 @@ def train_loader(stream: TrainStream, workers: int) -> DataLoader:
         stream, batch_size=None, num_workers=workers, persistent_workers=False, pin_memory=torch.cuda.is_available(),
         prefetch_factor=2 if workers else None, generator=torch.Generator().manual_seed(stream.seed),
     )
-
-
-# --- join: released annotations onto img2dataset shards -------------------------------------------------------
-
-
-def annotation_lookup(root: Path) -> Callable[[str], dict | None]:
-    """``uid -> annotation`` from a folder of ``{uid}.json`` files (the released VLM-150M/VLM-1B layout)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"annotation folder {root} does not exist: point --annotations at the {{uid}}.json files")
-
-    def lookup(uid: str) -> dict | None:
-        path = root / f"{uid}.json"
-        if not path.is_file():
-            return None
-        data = json.loads(path.read_text())
-        return {name: data[name] for name in ANNOTATION_FIELDS if name in data}
-
-    return lookup
-
-
-def join_shard(url: str, out_path: Path, lookup: Callable[[str], dict | None], uid_field: str = "uid") -> Counter:
-    """Copy one shard, merging each sample's annotation into its JSON; unmatched samples are dropped, counted."""
-    from webdataset import TarWriter
-
-    counts: Counter[str] = Counter()
-    counter = SkipCounter()
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    with TarWriter(str(tmp), encoder=False) as writer:
-        for raw in read_raw([url], counter):
-            key = raw["__key__"]
-            try:
-                meta = json.loads(raw["json"])
-                uid = str(meta[uid_field])
-            except (KeyError, ValueError, TypeError):
-                counts[f"missing:{uid_field}"] += 1
-                continue
-            annotation = lookup(uid)
-            if annotation is None:
-                counts["no_annotation"] += 1
-                continue
-            meta.update(annotation)
-            out = {k: v for k, v in raw.items() if not k.startswith("__")}
-            out["json"] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
-            writer.write({"__key__": key, **out})
-            counts["joined"] += 1
-    tmp.replace(out_path)
-    counts.update(counter.counts)
-    return counts
-
-
-def join_annotations(
-    shards: list[str], annotations: Path, out_dir: Path, uid_field: str = "uid", progress: bool = True
-) -> Counter:
-    """Join every shard (resumable: shards already written are skipped); returns the summed counts."""
-    from tqdm import tqdm
-
-    lookup = annotation_lookup(annotations)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    total: Counter[str] = Counter()
-    for url in tqdm(expand_urls(shards), desc="join", unit="shard", disable=not progress):
-        out_path = out_dir / Path(url).name
-        if out_path.exists():
-            total["shards_already_done"] += 1
-            continue
-        total.update(join_shard(url, out_path, lookup, uid_field))
-        total["shards"] += 1
-    return total

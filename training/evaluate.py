@@ -19,19 +19,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from hqclip.repo.prompts import DEFAULT_TEMPLATES
+from hqclip.shards import is_image
 from training.data import SkipCounter, expand_urls, iterate_samples
 from training.text_tower import encode_text
 
-TEMPLATES = (
-    "a photo of a {}.",
-    "a picture of a {}.",
-    "an image of a {}.",
-    "a close-up photo of a {}.",
-    "a photo of the {}.",
-    "a drawing of a {}.",
-)
 RECALL_AT = (1, 5, 10)
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
 
 
 class Encoder:
@@ -56,7 +49,7 @@ class Encoder:
         return torch.cat(out)
 
 
-def zero_shot(encoder: Encoder, image_emb: torch.Tensor, labels: list[str], templates: Iterable[str] = TEMPLATES
+def zero_shot(encoder: Encoder, image_emb: torch.Tensor, labels: list[str], templates: Iterable[str] = DEFAULT_TEMPLATES
               ) -> dict[str, float]:
     """Top-1/top-5 accuracy against one classifier row per class (the mean of its template embeddings)."""
     classes = sorted(set(labels))
@@ -108,7 +101,7 @@ def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
 
 
 def evaluate_shards(encoder: Encoder, urls: list[str], tag_head=None, vocab=None,
-                    templates: Iterable[str] = TEMPLATES) -> dict:
+                    templates: Iterable[str] = DEFAULT_TEMPLATES) -> dict:
     counter = SkipCounter()
     samples = list(iterate_samples(urls, counter, require=()))
     if not samples:
@@ -147,7 +140,7 @@ def read_folder(folder: Path) -> tuple[list[Image.Image], list[str]]:
     """Images under ``folder/<class name>/``; the class name is the folder's name with '_' as spaces."""
     images, labels = [], []
     for path in sorted(Path(folder).glob("*/*")):
-        if path.suffix.lower() in IMAGE_SUFFIXES:
+        if is_image(path):
             with Image.open(path) as image:
                 images.append(image.convert("RGB"))
             labels.append(path.parent.name.replace("_", " "))
@@ -156,7 +149,7 @@ def read_folder(folder: Path) -> tuple[list[Image.Image], list[str]]:
     return images, labels
 
 
-def evaluate_folder(encoder: Encoder, folder: Path, templates: Iterable[str] = TEMPLATES) -> dict:
+def evaluate_folder(encoder: Encoder, folder: Path, templates: Iterable[str] = DEFAULT_TEMPLATES) -> dict:
     images, labels = read_folder(folder)
     return {"samples": len(images)} | zero_shot(encoder, encoder.images(images), labels, templates)
 
@@ -177,7 +170,8 @@ def run(*, checkpoint: Path | None = None, model: str | None = None, pretrained:
         shards: list[str] | None = None, folder: Path | None = None, templates_file: Path | None = None,
         out: Path | None = None, device: str = "auto", batch_size: int = 64) -> dict:
     """What `hqclip eval` does: load, evaluate, write ``<out>.json`` and ``<out>.md`` (if ``out``)."""
-    from training.train import load_bundle, load_trained
+    from training.checkpoint import load_trained
+    from training.hqclip_model import load_bundle
 
     if (checkpoint is None) == (model is None):
         raise ValueError("give either --checkpoint (an `hqclip train` checkpoint) or --model")
@@ -189,7 +183,7 @@ def run(*, checkpoint: Path | None = None, model: str | None = None, pretrained:
         bundle, head, vocab = load_trained(checkpoint)
     else:
         bundle = load_bundle(model, pretrained)
-    templates = TEMPLATES
+    templates = DEFAULT_TEMPLATES
     if templates_file is not None:
         templates = [t for t in Path(templates_file).read_text().splitlines() if "{}" in t]
         if not templates:

@@ -1,6 +1,6 @@
 """``hqclip export``: an open_clip model -> a Triton model repository the services can serve.
 
-Writes, for a model ``<name>`` (the contract is model_repo/README.md and services/manifest.py):
+Writes, for a model ``<name>`` (the contract is model_repo/README.md and hqclip/repo/manifest.py):
     <out>/<name>_image/1/model.onnx + config.pbtxt      uint8 pixels -> L2-normalised embeddings
     <out>/<name>_text/1/model.onnx + config.pbtxt       int64 ids -> L2-normalised embeddings (+ tokenizer file)
     <out>/<name>_tags/1/model.onnx + config.pbtxt       image embeddings -> tag probabilities (with a tag head)
@@ -16,8 +16,6 @@ import datetime as dt
 import io
 import platform
 import re
-import shutil
-import tempfile
 import warnings
 from importlib import metadata
 from pathlib import Path
@@ -27,12 +25,22 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from services.manifest import MANIFEST_SUFFIX, ImageSpec, Manifest, TagSpec, TextSpec, TokenizerSpec, sha256_file
-from services.tokenizer import load_tokenizer, trim_padding
+from hqclip.repo import layout
+from hqclip.repo.install import install, staging
+from hqclip.repo.manifest import ImageSpec, Manifest, TagSpec, TextSpec, TokenizerSpec, load_manifest, sha256_file
+from hqclip.repo.tokenizer import load_tokenizer, trim_padding
+from hqclip.repo.triton_config import Tensor, TritonOptions, write_triton_config
 from training.models import TokenizerInfo, load_model, logit_scale_and_bias, tokenizer_info
-from training.onnx_towers import (EMBEDDINGS_OUTPUT, IMAGE_INPUT, TAGS_INPUT, TAGS_OUTPUT, TEXT_INPUT, ImageTower,
-                                  TagTower, TextTower)
-from training.triton_config import Tensor, TritonOptions, write_triton_config
+from training.onnx_towers import (
+    EMBEDDINGS_OUTPUT,
+    IMAGE_INPUT,
+    TAGS_INPUT,
+    TAGS_OUTPUT,
+    TEXT_INPUT,
+    ImageTower,
+    TagTower,
+    TextTower,
+)
 
 DEFAULT_OPSET = 17
 MIN_COSINE = 0.999  # the export-time sanity check on random inputs; the tests hold real inputs to 0.9999
@@ -126,7 +134,7 @@ def _image_spec(preprocess_cfg: dict, name: str) -> ImageSpec:
     interpolation = preprocess_cfg.get("interpolation") or "bicubic"
     if interpolation == "random" or (resize_mode == "shortest" and height != width):
         interpolation = "bicubic"  # what open_clip's eval transform really uses in these cases
-    return ImageSpec(model=f"{name}_image", input=IMAGE_INPUT, output=EMBEDDINGS_OUTPUT, size=(height, width),
+    return ImageSpec(model=layout.image_model(name), input=IMAGE_INPUT, output=EMBEDDINGS_OUTPUT, size=(height, width),
                      resize_mode=resize_mode, interpolation=interpolation,
                      fill_color=int(preprocess_cfg.get("fill_color", 0)), mean=mean, std=std)
 
@@ -137,28 +145,6 @@ def _versions() -> dict[str, str]:
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[package] = metadata.version(package)
     return versions
-
-
-def _install(staging: Path, out: Path, name: str) -> None:
-    """Move the built model into ``out``: towers first, the manifest (what services read) last.
-
-    Whatever this model had there before (a tag head the new export lacks, the precision variants of the old
-    towers) goes to the trash.
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    trash = staging / ".replaced"
-    trash.mkdir()
-    previous = out / f"{name}{MANIFEST_SUFFIX}"
-    variants = []
-    if previous.is_file():
-        old = Manifest.model_validate_json(previous.read_text())
-        variants = [folder for variant in old.variants.values() for folder in (variant.image_model, variant.text_model)]
-    for folder in (f"{name}_image", f"{name}_text", f"{name}_tags", *variants):
-        if (out / folder).exists():
-            (out / folder).rename(trash / folder)
-        if (staging / folder).exists():
-            (staging / folder).rename(out / folder)
-    (staging / f"{name}{MANIFEST_SUFFIX}").replace(out / f"{name}{MANIFEST_SUFFIX}")
 
 
 def export_model(
@@ -188,78 +174,85 @@ def export_model(
     if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
         raise ValueError(f"model name '{name}' must use only letters, digits, '_' and '-' (it names Triton models)")
     out = Path(out).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     image_spec = _image_spec(preprocess_cfg, name)
     batches = sorted({1, min(7, max_batch_size)})  # traced at 1; another size proves the batch axis is dynamic
     console = Console(stderr=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-{name}-", dir=out.parent))
-    try:
+    with staging(out, name) as stage:
         console.log(f"{name}: exporting the text tower, checking it at batch {batches}")
-        text_dir = staging / f"{name}_text"
+        text_dir = stage / layout.text_model(name)
         text_dir.mkdir()
-        tokenizer_spec = TokenizerSpec(kind=tokenizer_info.kind, file=f"{name}_text/{tokenizer_info.save(text_dir)}",
+        tokenizer_file = f"{text_dir.name}/{tokenizer_info.save(text_dir)}"
+        tokenizer_spec = TokenizerSpec(kind=tokenizer_info.kind, file=tokenizer_file,
                                        context_length=tokenizer_info.context_length, clean=tokenizer_info.clean,
                                        pad_id=tokenizer_info.pad_id)
-        tokenizer = load_tokenizer(tokenizer_spec, staging)
+        tokenizer = load_tokenizer(tokenizer_spec, stage)
         texts = [tokenizer([CHECK_TEXTS[i % len(CHECK_TEXTS)] for i in range(b)])[0] for b in batches]
         text_tower = TextTower(model)
         example = tokenizer(CHECK_TEXTS[:2])[0]  # torch.export fixes an axis it sees at size 1: trace at batch 2
-        _export_onnx(text_tower, torch.from_numpy(example), text_dir / "1" / "model.onnx", TEXT_INPUT,
+        _export_onnx(text_tower, torch.from_numpy(example), layout.onnx_path(stage, text_dir.name), TEXT_INPUT,
                      EMBEDDINGS_OUTPUT, opset, text_tower.any_length)
         if text_tower.any_length:  # and at the lengths the services cut batches to
             texts += [trim_padding(ids, tokenizer_spec.pad_id) for ids in texts]
-        _check_parity(text_tower, text_dir / "1" / "model.onnx", texts, "text tower")
+        _check_parity(text_tower, layout.onnx_path(stage, text_dir.name), texts, "text tower")
 
         console.log(f"{name}: exporting the image tower, checking it at batch {batches}")
-        image_dir = staging / f"{name}_image"
+        image_dir = stage / image_spec.model
         height, width = image_spec.size
         rng = np.random.default_rng(0)
         pixels = [rng.integers(0, 256, (b, 3, height, width), dtype=np.uint8) for b in batches]
         image_tower = ImageTower(model, image_spec.mean, image_spec.std)
-        (embed_dim,) = _export_onnx(image_tower, torch.from_numpy(pixels[0]), image_dir / "1" / "model.onnx",
+        (embed_dim,) = _export_onnx(image_tower, torch.from_numpy(pixels[0]), layout.onnx_path(stage, image_dir.name),
                                     IMAGE_INPUT, EMBEDDINGS_OUTPUT, opset)
-        _check_parity(image_tower, image_dir / "1" / "model.onnx", pixels, "image tower")
+        _check_parity(image_tower, layout.onnx_path(stage, image_dir.name), pixels, "image tower")
         embedding = Tensor(EMBEDDINGS_OUTPUT, np.float32, (embed_dim,))
         write_triton_config(image_dir, image_spec.model, [Tensor(IMAGE_INPUT, np.uint8, (3, height, width))],
                             [embedding], max_batch_size, triton)
         context = tokenizer_spec.context_length
         ids = Tensor(TEXT_INPUT, np.int64, (-1,) if text_tower.any_length else (context,), largest=(context,))
-        write_triton_config(text_dir, f"{name}_text", [ids], [embedding], max_batch_size, triton)
+        write_triton_config(text_dir, text_dir.name, [ids], [embedding], max_batch_size, triton)
 
         tags = None
         if tag_head is not None:
             console.log(f"{name}: exporting the tag head ({len(tag_vocab)} tags)")
-            tags_dir = staging / f"{name}_tags"
+            tags_dir = stage / layout.tags_model(name)
             tag_tower = TagTower(tag_head.eval())
             embeddings = [rng.standard_normal((b, embed_dim), dtype=np.float32) for b in batches]
-            _export_onnx(tag_tower, torch.from_numpy(embeddings[0]), tags_dir / "1" / "model.onnx",
+            _export_onnx(tag_tower, torch.from_numpy(embeddings[0]), layout.onnx_path(stage, tags_dir.name),
                          TAGS_INPUT, TAGS_OUTPUT, opset)
-            _check_parity(tag_tower, tags_dir / "1" / "model.onnx", embeddings, "tag head")
-            write_triton_config(tags_dir, f"{name}_tags", [Tensor(TAGS_INPUT, np.float32, (embed_dim,))],
+            _check_parity(tag_tower, layout.onnx_path(stage, tags_dir.name), embeddings, "tag head")
+            write_triton_config(tags_dir, tags_dir.name, [Tensor(TAGS_INPUT, np.float32, (embed_dim,))],
                                 [Tensor(TAGS_OUTPUT, np.float32, (len(tag_vocab),))], max_batch_size, triton)
-            tags = TagSpec(model=f"{name}_tags", input=TAGS_INPUT, output=TAGS_OUTPUT, vocabulary=list(tag_vocab))
+            tags = TagSpec(model=tags_dir.name, input=TAGS_INPUT, output=TAGS_OUTPUT, vocabulary=list(tag_vocab))
 
         logit_scale, logit_bias = logit_scale_and_bias(model)
-        files = {p.relative_to(staging).as_posix(): sha256_file(p) for p in sorted(staging.rglob("*")) if p.is_file()}
         manifest = Manifest(
             name=name, architecture=architecture, weights=weights_desc,
             description=description or ("random weights: for tests and demos only, not a trained model"
                                         if weights_desc == "random" else ""),
             embed_dim=embed_dim, logit_scale=logit_scale, logit_bias=logit_bias, max_batch_size=max_batch_size,
             image=image_spec,
-            text=TextSpec(model=f"{name}_text", input=TEXT_INPUT, output=EMBEDDINGS_OUTPUT, tokenizer=tokenizer_spec,
+            text=TextSpec(model=text_dir.name, input=TEXT_INPUT, output=EMBEDDINGS_OUTPUT, tokenizer=tokenizer_spec,
                           any_length=text_tower.any_length),
-            tags=tags, files=files,
+            tags=tags,
             created={"at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "by": "hqclip export",
                      "opset": str(opset), **_versions()},
         )
-        (staging / f"{name}{MANIFEST_SUFFIX}").write_text(manifest.model_dump_json(indent=2) + "\n")
-        _install(staging, out, name)
-        console.log(f"{name}: wrote {out / (name + MANIFEST_SUFFIX)}")
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out / f"{name}{MANIFEST_SUFFIX}"
+        folders = [p.name for p in stage.iterdir() if p.is_dir()]
+        install(out, stage, manifest, folders, remove=_replaced(out, name, folders))
+    path = layout.manifest_path(out, name)
+    console.log(f"{name}: wrote {path}")
+    return path
+
+
+def _replaced(repo: Path, name: str, folders: list[str]) -> list[str]:
+    """What an earlier export of ``name`` has in ``repo`` that the new one does not replace: a tag head the new
+    export lacks, the precision variants of the old towers (built from towers that are gone)."""
+    old = [layout.tags_model(name)]
+    if layout.manifest_path(repo, name).is_file():
+        previous = load_manifest(repo, name)
+        old += [folder for v in previous.variants.values() for folder in (v.image_model, v.text_model)]
+    return [folder for folder in old if folder not in folders]
 
 
 def export_checkpoint(model: str, pretrained: str | None = None, *, out: Path, name: str | None = None,
@@ -279,7 +272,7 @@ def _export_trained(path: Path, out: Path, name: str | None, options: dict) -> P
     """An ``hqclip train`` checkpoint: the trained model, its short-tag head and the tag vocabulary."""
     import open_clip
 
-    from training.train import load_trained
+    from training.checkpoint import load_trained
 
     bundle, head, vocab = load_trained(path)
     weights = f"hqclip train checkpoint {path.name} sha256:{sha256_file(path)[:16]}"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 from torch import nn
@@ -34,7 +34,7 @@ class TokenizerInfo:
     context_length: int
     clean: Literal["lower", "whitespace", "canonicalize"]
     pad_id: int
-    source: Union[Path, "tokenizers.Tokenizer"]  # noqa: F821 (tokenizers is imported lazily)
+    source: Path | tokenizers.Tokenizer  # noqa: F821 (tokenizers is imported lazily)
 
     def save(self, folder: Path) -> str:
         """Write the tokenizer file into ``folder``; return its file name."""

@@ -28,102 +28,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from training.checkpoint import CHECKPOINT_FORMAT, latest_checkpoint, save_checkpoint
 from training.config import TrainConfig, dump_config, load_config
-from training.data import StreamState, SkipCounter, TextChoice, TrainStream, expand_urls, iterate_tags, train_loader
+from training.data import SkipCounter, StreamState, TextChoice, TrainStream, expand_urls, iterate_tags, train_loader
+from training.hqclip_model import HQCLIPModel, ModelBundle, freeze_towers, load_bundle
 from training.losses import HQCLIPLoss
 from training.tag_head import TagHead
-from training.text_tower import encode_text
 from training.vocab import Vocabulary, build_vocabulary
-
-CHECKPOINT_FORMAT = "hqclip-train-checkpoint"
-CHECKPOINT_GLOB = "checkpoint-*.pt"
-
-
-# --- the model ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ModelBundle:
-    """An open_clip model with its transforms and tokenizer (what training and evaluation need)."""
-
-    model: nn.Module
-    train_transform: Callable
-    val_transform: Callable
-    tokenizer: Callable
-
-
-def load_bundle(name: str, pretrained: str | None = None) -> ModelBundle:
-    """Any model ``training.models.load_model`` loads (an open_clip name + weights, a checkpoint folder)."""
-    import open_clip
-    from open_clip.transform import PreprocessCfg, image_transform_v2
-
-    from training.models import load_model
-
-    loaded = load_model(name, pretrained)
-    preprocess = PreprocessCfg(**loaded.preprocess_cfg)
-    source = f"local-dir:{name}" if Path(name).is_dir() else name
-    return ModelBundle(loaded.model, image_transform_v2(preprocess, is_train=True),
-                       image_transform_v2(preprocess, is_train=False), open_clip.get_tokenizer(source))
-
-
-# Output projections stay trainable in a frozen tower (LiT): ViT `proj`, timm `head`, text projections.
-_PROJECTIONS = ("visual.proj", "visual.head.", "text_projection", "text.proj")
-
-
-def _is_projection(name: str) -> bool:
-    return any(name == p or name.startswith(p if p.endswith(".") else p + ".") for p in _PROJECTIONS)
-
-
-def freeze_towers(model: nn.Module, image: bool, text: bool, keep_projections: bool = True) -> list[nn.Module]:
-    """Stop gradients into the frozen towers; return the modules to keep in eval mode.
-
-    Eval mode (set again after every ``train()``) is how batch-norm statistics and dropout stay frozen; open_clip's
-    ``lock_image_tower(freeze_bn_stats=True)`` is not used because it replaces timm's fused BN+activation layers
-    and loses their activations.
-    """
-    frozen: list[nn.Module] = []
-    for name, param in model.named_parameters():
-        if name.startswith(("logit_scale", "logit_bias")):
-            param.requires_grad_(name == "logit_scale")  # the loss is a softmax: a SigLIP bias is unused
-            continue
-        is_image = name.startswith("visual.")
-        if (image if is_image else text) and not (keep_projections and _is_projection(name)):
-            param.requires_grad_(False)
-    if image:
-        frozen.append(model.visual)
-    if text:
-        text_modules = ("text",) if hasattr(model, "text") else ("transformer", "token_embedding", "ln_final")
-        frozen.extend(getattr(model, n) for n in text_modules if isinstance(getattr(model, n, None), nn.Module))
-    return frozen
-
-
-class HQCLIPModel(nn.Module):
-    """What DDP wraps: both towers and the tag head in one forward."""
-
-    def __init__(self, clip: nn.Module, tag_head: TagHead | None, negative_text_grad: bool = True) -> None:
-        super().__init__()
-        self.clip, self.tag_head, self.negative_text_grad = clip, tag_head, negative_text_grad
-
-    def forward(
-        self, images: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor | None = None
-    ) -> dict[str, torch.Tensor | None]:
-        image = self.clip.encode_image(images, normalize=True)
-        neg = None
-        if negative is not None and self.negative_text_grad:
-            text, neg = encode_text(self.clip, torch.cat([positive, negative])).chunk(2)
-        else:
-            text = encode_text(self.clip, positive)
-            if negative is not None:
-                with torch.no_grad():
-                    neg = encode_text(self.clip, negative)
-        return {
-            "image": image,
-            "text": text,
-            "negative": neg,
-            "tag_logits": self.tag_head(image.float()) if self.tag_head is not None else None,
-            "logit_scale": self.clip.logit_scale.exp(),
-        }
-
 
 # --- distributed, RNG, schedule ------------------------------------------------------------------------------
 
@@ -236,47 +147,6 @@ class TrainStep:
         with torch.no_grad():
             self.module.clip.logit_scale.clamp_(0, math.log(100))
         return terms | {"logit_scale": out["logit_scale"].detach()}
-
-
-# --- checkpoints -------------------------------------------------------------------------------------------
-
-
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    found = sorted(Path(output_dir).glob(CHECKPOINT_GLOB))
-    return found[-1] if found else None
-
-
-def save_checkpoint(output_dir: Path, step: int, payload: dict, keep: int) -> Path:
-    """Write ``checkpoint-<step>.pt`` atomically (temp file + rename) and delete all but the last ``keep``."""
-    path = Path(output_dir) / f"checkpoint-{step:09d}.pt"
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    for old in sorted(Path(output_dir).glob(CHECKPOINT_GLOB))[:-keep]:
-        old.unlink()
-    return path
-
-
-def load_trained(path: Path, bundle: ModelBundle | None = None) -> tuple[ModelBundle, TagHead | None, Vocabulary | None]:
-    """A training checkpoint's model, tag head and vocabulary (for evaluation and export).
-
-    ``bundle``: the model to load the weights into (e.g. the demo model built in code); by default the
-    one named in the checkpoint's config.
-    """
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    if payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not an `hqclip train` checkpoint")
-    if bundle is None:  # the architecture; the weights come from the checkpoint (a pretrained tag is not fetched)
-        cfg = payload["config"]["model"]
-        local = cfg["pretrained"] if cfg["pretrained"] and Path(cfg["pretrained"]).is_file() else None
-        bundle = load_bundle(cfg["name"], local)
-    bundle.model.load_state_dict(payload["model"])
-    head = vocab = None
-    if payload.get("tag_head") is not None:
-        vocab = Vocabulary.from_dict(payload["vocab"])
-        head = TagHead(payload["tag_head"]["linear.weight"].shape[1], len(vocab))
-        head.load_state_dict(payload["tag_head"])
-    return bundle, head, vocab
 
 
 # --- the loop -------------------------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from hqclip.repo.manifest import Manifest
 from services.backends.base import Backend, BackendUnavailable
-from services.manifest import Manifest
 from services.settings import Settings
 
 

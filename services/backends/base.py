@@ -28,5 +28,5 @@ class Backend(ABC):
     async def ready(self) -> bool:
         """True when the runtime and every model the manifest names can serve now."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 (optional: most runtimes have nothing to release)
         """Release sessions, channels and threads."""

@@ -8,8 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import onnxruntime as ort
 
+from hqclip.repo.layout import onnx_path
+from hqclip.repo.manifest import Manifest
 from services.backends.base import Backend
-from services.manifest import Manifest
 from services.settings import Settings
 
 
@@ -30,7 +31,7 @@ class OnnxRuntimeBackend(Backend):
         image, text = manifest.towers(settings.precision)
         names = [image, text] + ([manifest.tags.model] if manifest.tags else [])
         self._sessions = {
-            name: ort.InferenceSession(str(settings.model_repo / name / "1" / "model.onnx"),
+            name: ort.InferenceSession(str(onnx_path(settings.model_repo, name)),
                                        session_options(settings, text_tower=name == text),
                                        providers=["CPUExecutionProvider"])
             for name in names

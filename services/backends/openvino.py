@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 
+from hqclip.repo.layout import onnx_path
+from hqclip.repo.manifest import Manifest
 from services.backends.base import Backend
-from services.manifest import Manifest
 from services.settings import Settings
 
 RUNTIME_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
@@ -43,7 +44,7 @@ class OpenVinoBackend(Backend):
         towers = manifest.towers(settings.precision)
         names = list(towers) + ([manifest.tags.model] if manifest.tags else [])
         self._models = {
-            name: compile_model(core, settings.model_repo / name / "1" / "model.onnx",
+            name: compile_model(core, onnx_path(settings.model_repo, name),
                                 settings.precision if name in towers else "fp32", settings.ort_threads)
             for name in names
         }

@@ -12,8 +12,8 @@ import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
+from hqclip.repo.manifest import Manifest
 from services.backends.base import Backend, BackendUnavailable
-from services.manifest import Manifest
 from services.settings import Settings
 
 # gRPC statuses that mean "Triton cannot serve this now", as opposed to a bad request.

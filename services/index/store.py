@@ -162,7 +162,7 @@ class Collection:
     # -- opening and closing -----------------------------------------------------------------------------------
     @staticmethod
     def _connect(path: Path) -> tuple[sqlite3.Connection, Any]:
-        lock_file = open(path / ".lock", "a+")
+        lock_file = open(path / ".lock", "a+")  # noqa: SIM115 (held open for the collection's life: the lock)
         try:
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -418,7 +418,7 @@ class Collection:
                 if self._closed or seq == self.state.snapshot_seq:
                     return False
                 tmp = self.path / f".snapshot-{seq}.tmp"
-                out = open(tmp, "wb")
+                out = open(tmp, "wb")  # noqa: SIM115 (written under the lock, synced after it)
                 try:
                     self.vectors.write(out)  # under the lock: the index must not change while it is written
                     out.flush()

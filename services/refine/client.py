@@ -73,7 +73,7 @@ class RefineClient:
         self.max_tokens, self.temperature, self.seed = max_tokens, temperature, seed
         self._model = model
         self._turn = itertools.count()
-        self._down_until = {url: 0.0 for url in self.urls}
+        self._down_until = dict.fromkeys(self.urls, 0.0)
         self._slots = asyncio.Semaphore(concurrency)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.AsyncClient(
@@ -159,7 +159,7 @@ class RefineClient:
         try:
             text = response.json()["choices"][0]["message"]["content"] or ""
         except (ValueError, KeyError, IndexError, TypeError):
-            raise _Retryable(f"{url} answered something that is not a chat completion: {response.text[:200]}")
+            raise _Retryable(f"{url} answered something that is not a chat completion: {response.text[:200]}") from None
         try:
             return url, parse(text)
         except InvalidRefinement as exc:

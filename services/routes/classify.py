@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from fastapi import APIRouter, Request
 
-from services.engine import DEFAULT_TEMPLATES
+from hqclip.repo.prompts import DEFAULT_TEMPLATES
 from services.errors import ApiError
 from services.payloads import check_model, decode_images, engine_of
 from services.schemas import (

@@ -16,7 +16,7 @@ from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 from pydantic import BaseModel, Field, ValidationError, model_validator
 from starlette.concurrency import run_in_threadpool
 
-from services.engine import DEFAULT_TEMPLATES
+from hqclip.repo.prompts import DEFAULT_TEMPLATES
 from services.errors import ApiError
 from services.index.manager import CollectionExists, CollectionManager, CollectionNotFound
 from services.index.store import Collection, Filters, Hit, Item

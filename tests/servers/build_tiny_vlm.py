@@ -103,9 +103,7 @@ def output_bias(tokenizer):
     bias = torch.zeros(VOCAB)
     for token_id in range(VOCAB):
         text = tokenizer.decode([token_id])
-        if token_id < len(SPECIAL):
-            bias[token_id] = -30.0
-        elif not text.isascii() or "\\" in text or (text and text.isspace()):
+        if token_id < len(SPECIAL) or not text.isascii() or "\\" in text or (text and text.isspace()):
             bias[token_id] = -30.0
         elif text.strip().isalpha():
             bias[token_id] = 0.0

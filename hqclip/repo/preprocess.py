@@ -17,7 +17,7 @@ import io
 import numpy as np
 from PIL import Image, ImageOps
 
-from services.manifest import ImageSpec
+from hqclip.repo.manifest import ImageSpec
 
 BACKGROUND = (255, 255, 255)
 _INTERPOLATION = {
@@ -42,7 +42,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return Image.fromarray(eight_bit, mode="L").convert("RGB")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        background = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
 
@@ -55,7 +55,7 @@ def _center_crop_or_pad(pixels: np.ndarray, height: int, width: int, fill: int) 
         pixels = np.pad(pixels, ((pad_h // 2, (pad_h + 1) // 2), (pad_w // 2, (pad_w + 1) // 2), (0, 0)),
                         constant_values=fill)
         h, w = pixels.shape[:2]
-    top, left = int(round((h - height) / 2.0)), int(round((w - width) / 2.0))
+    top, left = round((h - height) / 2.0), round((w - width) / 2.0)
     return pixels[top : top + height, left : left + width]
 
 

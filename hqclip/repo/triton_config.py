@@ -38,7 +38,8 @@ class Tensor:
 
     def pbtxt(self) -> str:
         dims = ", ".join(str(d) for d in self.dims)
-        return f'  {{\n    name: "{self.name}"\n    data_type: {TRITON_DTYPES[np.dtype(self.dtype)]}\n    dims: [ {dims} ]\n  }}'
+        data_type = TRITON_DTYPES[np.dtype(self.dtype)]
+        return f'  {{\n    name: "{self.name}"\n    data_type: {data_type}\n    dims: [ {dims} ]\n  }}'
 
     def shape(self, batch: int, smallest: bool = False) -> str:
         """trtexec's shape syntax: ``name:BxD1xD2``; a variable axis at 1 (``smallest``) or at its largest size."""

@@ -1,12 +1,29 @@
-"""The `hqclip` command. Each subcommand imports its module lazily, so `hqclip serve` needs no torch."""
+"""The `hqclip` command, on top of everything: training, the offline jobs and the gateway.
+
+Each subcommand imports its module lazily, so a serve-only install (`pip install 'hqclip[serve]'`, the gateway
+image) runs `hqclip serve`, and a command whose extra is missing says in one line what to install.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="HQ-CLIP: train, export, refine and serve.")
+
+
+@contextmanager
+def _needs(extra: str, command: str) -> Iterator[None]:
+    """The imports inside need ``hqclip[extra]``: without it, one line naming the extra instead of a traceback."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        typer.echo(f"error: `hqclip {command}` needs the {extra!r} extra ({exc.name} is not installed): "
+                   f"pip install 'hqclip[{extra}]'", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.callback()
@@ -20,10 +37,11 @@ def serve(
     port: int = typer.Option(None, help="Port (default HQCLIP_PORT or 8000)."),
 ) -> None:
     """Start the HTTP gateway on the model repository (HQCLIP_MODEL_REPO)."""
-    import uvicorn
+    with _needs("serve", "serve"):
+        import uvicorn
 
-    from services.app import create_app
-    from services.settings import Settings
+        from services.app import create_app
+        from services.settings import Settings
 
     settings = Settings()
     if host:
@@ -59,9 +77,10 @@ def export(
                                    "demo's held-out shards; where missing, an offline set (docs/precision.md)."),
 ) -> None:
     """Export an open_clip model to the model repository: ONNX towers, config.pbtxt, tokenizer, manifest."""
-    from training.export import export_checkpoint
-    from training.precision import GateFailed, export_precision, requested_variants
-    from training.triton_config import TritonOptions
+    with _needs("train", "export"):
+        from hqclip.jobs.precision import GateFailed, export_precision, requested_variants
+        from hqclip.repo.triton_config import TritonOptions
+        from training.export import export_checkpoint
 
     try:
         variants = requested_variants(precision or [], with_model=bool(model))
@@ -91,7 +110,8 @@ def train(
     overrides: list[str] = typer.Argument(None, help="section.field=value overrides, e.g. optim.lr=1e-4"),
 ) -> None:
     """Train with the HQ-CLIP objective (resumes from the output folder); under torchrun for data parallel."""
-    from training.train import main as train_main
+    with _needs("train", "train"):
+        from training.train import main as train_main
 
     train_main((["--config", str(config)] if config else []) + list(overrides or []))
 
@@ -113,8 +133,9 @@ def refine(
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Refine images + alt texts with an LVLM into training shards (desc, neg_desc, tags, neg_tags); resumable."""
-    from services.refine.job import refine_dataset, summary_text
-    from services.settings import Settings
+    with _needs("serve", "refine"):
+        from hqclip.jobs.refine import refine_dataset, summary_text
+        from services.settings import Settings
 
     settings = Settings().refine
     settings.urls = url or settings.urls
@@ -143,7 +164,8 @@ def evaluate(
     batch_size: int = typer.Option(64, min=1),
 ) -> None:
     """Zero-shot accuracy, retrieval R@1/5/10, hard-negative accuracy and tag mAP, as a markdown table."""
-    from training.evaluate import run, to_markdown
+    with _needs("train", "eval"):
+        from training.evaluate import run, to_markdown
 
     results = run(checkpoint=checkpoint, model=model, pretrained=pretrained, shards=shards or None, folder=folder,
                   templates_file=templates, out=out, device=device, batch_size=batch_size)
@@ -160,7 +182,7 @@ def join(
     """Attach released VLM-150M/VLM-1B annotations to img2dataset shards by uid; resumable."""
     import json
 
-    from training.data import join_annotations
+    from hqclip.jobs.join import join_annotations
 
     typer.echo(json.dumps(join_annotations(shards, annotations, out, uid_field), sort_keys=True))
 
@@ -173,11 +195,12 @@ app.add_typer(demo_app, name="demo")
 def demo_build(
     out: Path = typer.Option(Path("model_repo"), help="The model repository to export `demo` into."),
     work: Path = typer.Option(Path("build/demo"), help="Data, tower features (resumable steps)."),
-    retrain: bool = typer.Option(False, help="Train the heads again instead of using training/demo_weights/."),
+    retrain: bool = typer.Option(False, help="Train the heads again instead of using training/demo/weights/."),
     overrides: list[str] = typer.Argument(None, help="Training overrides (with --retrain), e.g. optim.steps=500"),
 ) -> None:
     """Build the demo model: data -> tower features -> train heads (HQ-CLIP objective) -> export."""
-    from training.demo import build
+    with _needs("train", "demo build"):
+        from training.demo.build import build
 
     typer.echo(build(out=out, work=work, retrain=retrain, overrides=overrides or []))
 
@@ -200,8 +223,9 @@ def index_build(
     import dataclasses
     import json
 
-    from services.index.build import build
-    from services.settings import Settings
+    with _needs("serve", "index build"):
+        from hqclip.jobs.index_build import build
+        from services.settings import Settings
 
     if kind not in ("auto", "flat", "hnsw", "ivfpq"):
         raise typer.BadParameter("kind must be auto, flat, hnsw or ivfpq", param_hint="--kind")

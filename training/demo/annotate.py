@@ -16,7 +16,7 @@ names the object ("A sitting gnu.") and whose folder names its category ("animal
   (another object's noun or phrase, another colour, another class or category word, another style).
 
 Every negative differs from its positive, so a model that scores negatives below positives must see the
-object, its colour or its count. Rules live here, data in training/demo_data.py.
+object, its colour or its count. Rules live here, data in training/demo/data.py.
 """
 
 from __future__ import annotations

@@ -21,10 +21,9 @@ passes is moved into the repository and the manifest is rewritten (last) with it
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import shutil
-import tarfile
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,9 +32,12 @@ import numpy as np
 import onnx
 from rich.console import Console
 
-from services.manifest import Manifest, Variant, find_manifest, load_manifest, sha256_file
-from services.preprocess import ImagePreprocessor
-from services.tokenizer import load_tokenizer
+from hqclip.repo import layout
+from hqclip.repo.install import install, staging
+from hqclip.repo.manifest import Manifest, Variant, load_manifest
+from hqclip.repo.preprocess import ImagePreprocessor
+from hqclip.repo.tokenizer import load_tokenizer
+from hqclip.shards import Sample, read_tar
 
 PRECISIONS = ("fp32", "bf16", "int8")
 MIN_COSINE = {"bf16": 0.999, "int8": 0.99}
@@ -94,21 +96,9 @@ class Report:
 
 # --- data: reader ---
 
-def _shard_samples(paths: list[Path], limit: int) -> list[dict]:
-    """Up to ``limit`` samples of webdataset shards: {'jpg': bytes, 'txt': str, 'json': dict}."""
-    samples: dict[str, dict] = {}
-    for path in paths:
-        with tarfile.open(path) as tar:
-            for member in tar:
-                key, _, ext = member.name.partition(".")
-                if ext not in ("jpg", "txt", "json"):
-                    continue
-                if key not in samples and len(samples) >= limit:
-                    return list(samples.values())
-                data = tar.extractfile(member).read()
-                samples.setdefault(key, {})[ext] = (data if ext == "jpg" else json.loads(data) if ext == "json"
-                                                    else data.decode())
-    return list(samples.values())
+def _shard_samples(paths: list[Path], limit: int) -> list[Sample]:
+    """The first ``limit`` samples of webdataset shards."""
+    return list(itertools.islice((sample for path in paths for sample in read_tar(path)), limit))
 
 
 def _demo_data(folder: Path, preprocess: ImagePreprocessor, max_images: int, max_calibration: int) -> ParityData:
@@ -116,20 +106,18 @@ def _demo_data(folder: Path, preprocess: ImagePreprocessor, max_images: int, max
     meta = json.loads((folder / "classes.json").read_text())
     classes = list(meta["classes"])
     heldout = _shard_samples(sorted(folder.glob("heldout-*.tar")), 1 << 30)
-    for sample in heldout:
-        label = sample["json"].get("label")
-        sample["class"] = classes.index(label) if label in classes else -1
-    evaluation = sorted(heldout, key=lambda s: s["class"] < 0)[:max_images]  # labelled ones first
+    class_of = {s.key: classes.index(s.meta["label"]) if s.meta.get("label") in classes else -1 for s in heldout}
+    evaluation = sorted(heldout, key=lambda s: class_of[s.key] < 0)[:max_images]  # labelled ones first
     calibration = _shard_samples(sorted(folder.glob("train-*.tar")), max_calibration)
-    labelled = sum(s["class"] >= 0 for s in evaluation)
+    labelled = sum(class_of[s.key] >= 0 for s in evaluation)
     return ParityData(
         source=f"demo held-out set {folder} ({len(evaluation)} images, {labelled} labelled in {len(classes)} "
                f"classes; int8 calibration: {len(calibration)} training images)",
-        calibration_pixels=np.stack([preprocess(s["jpg"]) for s in calibration]),
-        calibration_texts=[s["txt"] for s in calibration],
-        pixels=np.stack([preprocess(s["jpg"]) for s in evaluation]),
-        texts=[s["txt"] for s in evaluation],
-        labels=np.array([s["class"] for s in evaluation]),
+        calibration_pixels=np.stack([preprocess(s.image) for s in calibration]),
+        calibration_texts=[s.caption for s in calibration],
+        pixels=np.stack([preprocess(s.image) for s in evaluation]),
+        texts=[s.caption for s in evaluation],
+        labels=np.array([class_of[s.key] for s in evaluation]),
         classes=classes, templates=list(meta["templates"]),
     )
 
@@ -365,14 +353,15 @@ def _preprocessed(source: Path, work: Path) -> Path:
 
 # --- runner ---
 
-def _variant_folder(repo: Path, staging: Path, fp32_model: str, precision: str) -> Path:
-    """``<fp32 model>_<precision>/`` with the fp32 tower's config.pbtxt (same tensors and Triton options) under
-    the variant's name; returns the path its model.onnx goes to."""
-    name = f"{fp32_model}_{precision}"
-    (staging / name / "1").mkdir(parents=True)
-    config = (repo / fp32_model / "config.pbtxt").read_text()
-    (staging / name / "config.pbtxt").write_text(config.replace(f'name: "{fp32_model}"', f'name: "{name}"', 1))
-    return staging / name / "1" / "model.onnx"
+def _variant_folder(repo: Path, stage: Path, fp32_model: str, precision: str) -> Path:
+    """The variant's folder with the fp32 tower's config.pbtxt (same tensors and Triton options) under the
+    variant's name; returns the path its ONNX file goes to."""
+    name = layout.variant_model(fp32_model, precision)
+    target = layout.onnx_path(stage, name)
+    target.parent.mkdir(parents=True)
+    config = (repo / fp32_model / layout.CONFIG_FILE).read_text()
+    (stage / name / layout.CONFIG_FILE).write_text(config.replace(f'name: "{fp32_model}"', f'name: "{name}"', 1))
+    return target
 
 
 def requested_variants(precisions: list[str], with_model: bool) -> list[str]:
@@ -405,12 +394,10 @@ def export_precision(repo: Path, precision: str, name: str | None = None, data: 
     tokenizer = load_tokenizer(manifest.text.tokenizer, repo)
     parity_data = load_parity_data(manifest, data, max_images, max_calibration)
     console.log(f"{manifest.name} {precision}: parity data: {parity_data.source}")
-    fp32 = {"image": repo / manifest.image.model / "1" / "model.onnx",
-            "text": repo / manifest.text.model / "1" / "model.onnx"}
+    fp32 = {"image": layout.onnx_path(repo, manifest.image.model), "text": layout.onnx_path(repo, manifest.text.model)}
     reference = Towers(_onnxruntime_tower(fp32["image"], threads), _onnxruntime_tower(fp32["text"], threads))
-    staging = Path(tempfile.mkdtemp(prefix=f".{manifest.name}-{precision}-", dir=repo.parent))
-    try:
-        builder = _Builder(repo, staging, manifest, precision, fp32, parity_data, tokenizer, console)
+    with staging(repo, f"{manifest.name}-{precision}") as stage:
+        builder = _Builder(repo, stage, manifest, precision, fp32, parity_data, tokenizer, console)
         for share in ([None] if precision == "bf16" else FLOAT_SHARES):
             paths, counts = builder.build(share)
             variant = Towers(tower_runner(paths["image"], precision, threads),
@@ -421,32 +408,30 @@ def export_precision(repo: Path, precision: str, name: str | None = None, data: 
             numbers = ", ".join(f"{k}={v:.4g}" for k, v in report.parity.items())
             if not report.failures:
                 console.log(f"{manifest.name} {precision}: passed{attempt}: {numbers}")
-                return _install(repo, staging, manifest, precision, {**report.parity, **counts}, parity_data.source)
+                return _install(repo, stage, manifest, precision, {**report.parity, **counts}, parity_data.source)
             console.log(f"{manifest.name} {precision}: failed{attempt}: " + "; ".join(report.failures)
                         + f" ({numbers})")
         raise GateFailed(f"{manifest.name}: the {precision} variant failed its parity gates on "
                          f"{parity_data.source}: " + "; ".join(report.failures)
                          + ". Nothing was written; serve fp32 (the default) or try another precision.")
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 class _Builder:
-    """Builds both variant towers into ``<staging>/variant``; int8 at a given share of layers kept float."""
+    """Builds both variant towers into ``<stage>/variant``; int8 at a given share of layers kept float."""
 
-    def __init__(self, repo: Path, staging: Path, manifest: Manifest, precision: str, fp32: dict[str, Path],
+    def __init__(self, repo: Path, stage: Path, manifest: Manifest, precision: str, fp32: dict[str, Path],
                  data: ParityData, tokenizer, console: Console) -> None:
-        self.repo, self.staging, self.manifest, self.precision = repo, staging, manifest, precision
+        self.repo, self.stage, self.manifest, self.precision = repo, stage, manifest, precision
         self.fp32, self.console = fp32, console
         self.calibration = {"image": data.calibration_pixels, "text": tokenizer(data.calibration_texts)[0]}
         self.prepared: dict[str, Path] = {}
         self.ranking: dict[str, list[str]] = {}
 
     def build(self, share: float | None) -> tuple[dict[str, Path], dict[str, float]]:
-        shutil.rmtree(self.staging / "variant", ignore_errors=True)
+        shutil.rmtree(self.stage / "variant", ignore_errors=True)
         paths, counts = {}, {}
         for tower, fp32_model in (("image", self.manifest.image.model), ("text", self.manifest.text.model)):
-            paths[tower] = _variant_folder(self.repo, self.staging / "variant", fp32_model, self.precision)
+            paths[tower] = _variant_folder(self.repo, self.stage / "variant", fp32_model, self.precision)
             built = build_bf16(self.fp32[tower], paths[tower]) if share is None else \
                 self._int8(tower, paths[tower], share)
             counts.update({f"{tower}_{k}": v for k, v in built.items()})
@@ -454,36 +439,27 @@ class _Builder:
 
     def _int8(self, tower: str, target: Path, share: float) -> dict[str, float]:
         if tower not in self.prepared:
-            self.prepared[tower] = _preprocessed(self.fp32[tower], self.staging)
+            self.prepared[tower] = _preprocessed(self.fp32[tower], self.stage)
         matrix_nodes = _matrix_nodes(onnx.load(str(self.prepared[tower]), load_external_data=False))
         nodes = [n.name for n in matrix_nodes]
         keep = {nodes[0], nodes[-1], *_depthwise(matrix_nodes)}
         if share > 0:
             if tower not in self.ranking:
                 self.console.log(f"{self.manifest.name} int8: measuring the {tower} tower's per-node sensitivity")
-                self.ranking[tower] = sensitivity(self.prepared[tower], self.calibration[tower], self.staging)
+                self.ranking[tower] = sensitivity(self.prepared[tower], self.calibration[tower], self.stage)
             keep |= set(self.ranking[tower][:round(share * len(nodes))])
         built = build_int8(self.prepared[tower], target, self.calibration[tower], sorted(keep))
         return {**built, "quantized_nodes": float(len(nodes) - len(keep))}
 
 
-def _install(repo: Path, staging: Path, manifest: Manifest, precision: str, parity: dict[str, float],
+def _install(repo: Path, stage: Path, manifest: Manifest, precision: str, parity: dict[str, float],
              source: str) -> Manifest:
-    """Move the variant's folders in (replacing an older build of it), then rewrite the manifest."""
-    image_model, text_model = f"{manifest.image.model}_{precision}", f"{manifest.text.model}_{precision}"
-    files = {rel: digest for rel, digest in manifest.files.items()
-             if not rel.startswith((f"{image_model}/", f"{text_model}/"))}
+    """Move the variant's folders in (replacing an older build of it) and add it to the manifest."""
+    image_model = layout.variant_model(manifest.image.model, precision)
+    text_model = layout.variant_model(manifest.text.model, precision)
     for model in (image_model, text_model):
-        shutil.rmtree(repo / model, ignore_errors=True)
-        (staging / "variant" / model).rename(repo / model)
-        files.update({p.relative_to(repo).as_posix(): sha256_file(p)
-                      for p in sorted((repo / model).rglob("*")) if p.is_file()})
+        (stage / "variant" / model).rename(stage / model)
     variants = {**manifest.variants, precision: Variant(image_model=image_model, text_model=text_model,
                                                         runtime=RUNTIMES[precision], parity=parity,
                                                         evaluation=source)}
-    updated = manifest.model_copy(update={"variants": variants, "files": files})
-    path = find_manifest(repo, manifest.name)
-    temporary = staging / path.name
-    temporary.write_text(updated.model_dump_json(indent=2) + "\n")
-    temporary.replace(path)
-    return updated
+    return install(repo, stage, manifest.model_copy(update={"variants": variants}), [image_model, text_model])

@@ -1,8 +1,8 @@
 """The model repository's manifest: the one contract between `hqclip export` and the services.
 
 `hqclip export` writes ``<model_repo>/<name>.manifest.json`` next to the Triton model folders
-``<name>_image``, ``<name>_text`` (and ``<name>_tags`` when the model has a tag head). Services read
-only this file and the files it names; they never import training code or torch.
+``<name>_image``, ``<name>_text`` (and ``<name>_tags`` when the model has a tag head; hqclip/repo/layout.py).
+Services read only this file and the files it names; they never import training code or torch.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-MANIFEST_SUFFIX = ".manifest.json"
+from hqclip.repo.layout import MANIFEST_SUFFIX, manifest_path
+
 SCHEMA_VERSION = 1
 
 
@@ -90,6 +91,20 @@ class Manifest(BaseModel):
     files: dict[str, str] = Field(default_factory=dict, description="sha256 of each file, relative path -> hex.")
     created: dict[str, str] = Field(default_factory=dict, description="When, by what, with which versions.")
 
+    @property
+    def fingerprint(self) -> str:
+        """The embedding space's identity: a digest of the fp32 towers' files (weights, tokenizer, configs).
+
+        Two exports of the same weights share it; a retrained model of the same architecture does not, so a
+        collection embedded by one model can refuse queries embedded by another.
+        """
+        towers = tuple(f"{model}/" for model in (self.image.model, self.text.model))
+        digest = hashlib.sha256()
+        for rel, sha in sorted(self.files.items()):
+            if rel.startswith(towers):
+                digest.update(f"{rel}={sha}\n".encode())
+        return digest.hexdigest()[:16]
+
     def towers(self, precision: str) -> tuple[str, str]:
         """(image model, text model) names serving ``precision``; a clear error for one not exported."""
         if precision == self.precision:
@@ -114,7 +129,7 @@ def find_manifest(repo: Path, name: str | None) -> Path:
     """The manifest of ``name`` in ``repo``, or the only one there; a clear error otherwise."""
     repo = Path(repo)
     if name:
-        path = repo / f"{name}{MANIFEST_SUFFIX}"
+        path = manifest_path(repo, name)
         if not path.is_file():
             raise FileNotFoundError(f"no model '{name}' in {repo}: expected {path}; run `hqclip export` first")
         return path

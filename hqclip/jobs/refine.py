@@ -21,73 +21,25 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import io
 import json
-import os
 import sqlite3
-import tarfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hqclip.shards import Sample, image_files, json_member, read_tar, sample, write_tar
 from services.refine.client import RefineClient, RefineFailed, RefineRejected, RefinerUnavailable
 from services.refine.prompt import image_mime
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 FAILURE_LOG = "failures.jsonl"
 
 
 # --- reader ---
 @dataclass
-class Sample:
-    key: str
-    members: dict[str, bytes]  # extension -> bytes, as in the input shard ("jpg", "json", "txt", ...)
-    meta: dict  # the input JSON (img2dataset's metadata), or what the CSV row says
-    image_ext: str | None
-    caption: str | None
-
-    @property
-    def image(self) -> bytes | None:
-        return self.members.get(self.image_ext) if self.image_ext else None
-
-
-@dataclass
 class Shard:
     name: str  # the output file name
     read: Callable[[], Iterator[Sample]]
-
-
-def _sample(key: str, members: dict[str, bytes]) -> Sample:
-    try:
-        meta = json.loads(members["json"]) if "json" in members else {}
-    except ValueError:
-        meta = {}
-    meta = meta if isinstance(meta, dict) else {}
-    caption = meta.get("caption")
-    if caption is None and "txt" in members:
-        caption = members["txt"].decode("utf-8", errors="replace").strip()
-    image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
-    return Sample(key, members, meta, image_ext, caption)
-
-
-def read_tar(path: Path) -> Iterator[Sample]:
-    """Samples of a webdataset tar: members grouped by key (the basename up to its first dot), in order."""
-    key, members = None, {}
-    with tarfile.open(path) as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            folder, _, base = info.name.rpartition("/")
-            stem, _, ext = base.partition(".")
-            this = f"{folder}/{stem}" if folder else stem
-            if this != key and key is not None:
-                yield _sample(key, members)
-                members = {}
-            key = this
-            members[ext.lower()] = tar.extractfile(info).read()
-    if key is not None:
-        yield _sample(key, members)
 
 
 def tar_shards(paths: list[Path]) -> list[Shard]:
@@ -109,7 +61,7 @@ def folder_shards(images: Path, captions: Path | None, shard_size: int, image_co
                                  f"{reader.fieldnames}: pass --image-column/--caption-column")
             rows = [(row[image_column], row[caption_column]) for row in reader]
     else:
-        files = sorted(p for p in images.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+        files = image_files(images)
         rows = [(str(p.relative_to(images)), None) for p in files]
 
     def read(start: int) -> Iterator[Sample]:
@@ -120,7 +72,7 @@ def folder_shards(images: Path, captions: Path | None, shard_size: int, image_co
                 members = {ext: (images / file).read_bytes()}
             except OSError:
                 members = {}
-            yield Sample(f"{index:09d}", members, meta, ext if members else None, caption)
+            yield sample(f"{index:09d}", members, meta)
 
     return [Shard(f"{i // shard_size:05d}.tar", lambda i=i: read(i)) for i in range(0, len(rows), shard_size)]
 
@@ -174,23 +126,16 @@ class State:
 # --- writer ---
 def write_shard(shard: Shard, fields: dict[str, dict], out: Path) -> int:
     """The output shard, written whole: refined samples with their four fields; the rest left out."""
-    tmp = out.with_name(out.name + ".tmp")
-    written: set[str] = set()
-    with tarfile.open(tmp, "w") as tar:
-        for sample in shard.read():
-            if sample.key not in fields or sample.key in written:
+    def refined() -> Iterator[tuple[str, dict[str, bytes]]]:
+        written: set[str] = set()
+        for item in shard.read():
+            if item.key not in fields or item.key in written:
                 continue
-            meta = {**sample.meta, "key": sample.key, "caption": sample.caption or "", **fields[sample.key]}
-            members = {**sample.members, "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{sample.key}.{ext}")
-                info.size, info.mtime, info.mode = len(data), 0, 0o644
-                tar.addfile(info, io.BytesIO(data))
-            written.add(sample.key)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
-    return len(written)
+            meta = {**item.meta, "key": item.key, "caption": item.caption or "", **fields[item.key]}
+            written.add(item.key)
+            yield item.key, {**item.members, "json": json_member(meta)}
+
+    return write_tar(out, refined())
 
 
 # --- runner ---
@@ -243,7 +188,7 @@ class _Progress:
 async def run(shards: list[Shard], client: RefineClient, out_dir: Path, state_path: Path,
               concurrency: int, progress: bool = True) -> Summary:
     """Refine every sample of ``shards`` not refined yet and write each shard once all its samples have answers."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 (once, before any request is in flight)
     state, summary = State(state_path), Summary(shards=len(shards))
     written = [shard for shard in shards if (out_dir / shard.name).exists()]
     pending = [shard for shard in shards if shard not in written]
@@ -251,7 +196,7 @@ async def run(shards: list[Shard], client: RefineClient, out_dir: Path, state_pa
     for shard in written:  # rows left by a crash between writing a shard and forgetting them
         state.forget(shard.name)
     started, slots, bar = time.monotonic(), asyncio.Semaphore(concurrency), _Progress(len(pending), progress)
-    failure_log = open(out_dir / FAILURE_LOG, "a", encoding="utf-8")
+    failure_log = open(out_dir / FAILURE_LOG, "a", encoding="utf-8")  # noqa: ASYNC230, SIM115 (closed in finally)
     stop = asyncio.Event()
 
     def log_failure(shard: Shard, sample: Sample, error: str, retried: bool) -> None:

@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import random
-import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from hqclip.shards import IMAGE_EXTENSIONS, count_samples, image_files, read_tar
 from services.errors import ApiError
 from services.index.store import Collection, Item
 from services.index.vectors import IndexSpec
@@ -37,7 +37,6 @@ from services.settings import IndexParams, Settings
 
 log = logging.getLogger("hqclip.index.build")
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 IVF_MIN_ITEMS = 100_000
 
 
@@ -72,7 +71,7 @@ def _metadata(meta: dict) -> tuple[list[str], dict[str, Any]]:
 
 
 def folder_files(folder: Path) -> list[Path]:
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = image_files(folder)
     random.Random(0).shuffle(files)
     return files
 
@@ -94,16 +93,7 @@ def read_folder(folder: Path, files: list[Path], known: Callable[[str], bool]) -
                      attributes)
 
 
-def shard_keys(shard: Path) -> int:
-    """Samples in a shard, from the tar headers alone."""
-    with tarfile.open(shard) as tar:
-        return len({name.rpartition("/")[0] + "/" + name.rpartition("/")[2].partition(".")[0]
-                    for name in tar.getnames()})
-
-
 def read_shards(shards: list[Path], known: Callable[[str], bool]) -> Iterator[Record | None]:
-    from services.refine.job import read_tar
-
     for shard in shards:
         for sample in read_tar(shard):
             if known(f"{shard.stem}/{sample.key}"):
@@ -122,15 +112,15 @@ def open_source(source: Path) -> tuple[int, Callable[[Callable[[str], bool]], It
     that yields None in place of each record whose id ``known`` says is stored already."""
     source = Path(source)
     if source.is_file() and source.suffix == ".tar":
-        return shard_keys(source), lambda known: read_shards([source], known)
+        return count_samples(source), lambda known: read_shards([source], known)
     if not source.is_dir():
         raise FileNotFoundError(f"{source} is neither a folder of images nor a .tar shard")
     shards = sorted(source.glob("*.tar"))
     if shards:
-        return sum(shard_keys(s) for s in shards), lambda known: read_shards(shards, known)
+        return sum(count_samples(s) for s in shards), lambda known: read_shards(shards, known)
     files = folder_files(source)
     if not files:
-        raise FileNotFoundError(f"{source} holds no images ({', '.join(IMAGE_SUFFIXES)}) and no .tar shards")
+        raise FileNotFoundError(f"{source} holds no images ({', '.join(IMAGE_EXTENSIONS)}) and no .tar shards")
     return len(files), lambda known: read_folder(source, files, known)
 
 

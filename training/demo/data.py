@@ -8,7 +8,7 @@ Sources (both installed with apt-get, nothing downloaded at run time):
   rendered by Pillow; the caption is its CLDR name from the ``emoji`` package ("A grinning face.").
 
 Each image is composited on white, padded to a square and resized to 224 x 224 (no crop cuts the object off).
-The annotator (training/annotate.py) adds the four HQ-CLIP fields. Samples whose caption (normalised) hashes
+The annotator (training/demo/annotate.py) adds the four HQ-CLIP fields. Samples whose caption (normalised) hashes
 into the held-out fraction go to ``heldout-*.tar``, the rest to ``train-*.tar``: all the Tux Paint stamps
 sharing a caption ("The letter C." in three alphabets) land on the same side, so nothing held out was seen in
 training. Stamps in a category of :data:`ZERO_SHOT_CLASSES` carry that class as ``label`` (zero-shot
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from training.annotate import STYLES, Item, RuleAnnotator, dominant_colour, singular
+from training.demo.annotate import STYLES, Item, RuleAnnotator, dominant_colour, singular
 
 STAMPS_DIR = Path("/usr/share/tuxpaint/stamps")
 EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")

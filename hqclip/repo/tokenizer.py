@@ -22,7 +22,7 @@ import ftfy
 import numpy as np
 import regex
 
-from services.manifest import TokenizerSpec
+from hqclip.repo.manifest import TokenizerSpec
 
 Tokenized = tuple[np.ndarray, list[bool]]
 TRIM_MULTIPLE = 8  # trimmed lengths are rounded up to a multiple of this: few distinct shapes for the runtimes
@@ -64,7 +64,8 @@ class ClipBpeTokenizer:
     N_MERGES = 49152 - 256 - 2
 
     def __init__(self, merges_file: Path, context_length: int, clean: str = "lower", cache_size: int = 65536) -> None:
-        lines = gzip.open(merges_file).read().decode("utf-8").split("\n")[1 : self.N_MERGES + 1]
+        with gzip.open(merges_file) as f:
+            lines = f.read().decode("utf-8").split("\n")[1 : self.N_MERGES + 1]
         merges = [tuple(line.split()) for line in lines]
         self.byte_chars = _byte_alphabet()
         base = sorted(self.byte_chars)  # CLIP's order: printable bytes first, then the shifted ones

@@ -1,0 +1,49 @@
+"""The import rules that keep the layers one-way, read from every module's source with ``ast``.
+
+Bottom to top: ``hqclip.repo`` and ``hqclip.shards`` (the formats; no torch, neither side) <- ``training`` and
+``services`` (never each other; services never torch) <- ``hqclip.jobs`` <- ``hqclip.cli``.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _imports(path: Path) -> list[tuple[str, list[str]]]:
+    """(module, names) for each import in the file, wherever it stands (lazy imports inside functions too)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, []) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append((node.module, [alias.name for alias in node.names]))
+    return found
+
+
+def _modules(*places: str) -> list[Path]:
+    """The Python files of folders and single files under the repository root."""
+    paths = [ROOT / place for place in places]
+    return sorted(q for p in paths for q in (p.rglob("*.py") if p.is_dir() else [p]))
+
+
+def test_the_modules_exist():
+    """The rules below read real files: an empty tree would pass them all."""
+    for folder in ("hqclip/repo", "hqclip/jobs", "training", "services"):
+        assert len(_modules(folder)) >= 3, folder
+
+
+@pytest.mark.parametrize(("folders", "forbidden"), [
+    (("hqclip/repo", "hqclip/shards.py"), ("training", "services", "hqclip.jobs", "hqclip.cli", "torch")),
+    (("training",), ("services", "hqclip.jobs", "hqclip.cli")),
+    (("services",), ("training", "hqclip.jobs", "hqclip.cli", "torch", "torchvision", "open_clip")),
+    (("hqclip/jobs",), ("training", "hqclip.cli", "torch")),
+], ids=["format", "training", "services", "jobs"])
+def test_layers_import_only_downwards(folders, forbidden):
+    bad = [f"{path.relative_to(ROOT)} imports {module}" for path in _modules(*folders) for module, _ in _imports(path)
+           if any(module == f or module.startswith(f + ".") for f in forbidden)]
+    assert not bad, "\n".join(bad)
