@@ -76,6 +76,7 @@ if [[ $mode == gpu ]]; then
   tower=(--precisions bf16 --batch-sizes 1,64,256 --seconds 1 --repeats 3 --warmup 5)
   compiled=(--precisions bf16 --compiled-batch-sizes 256 --seconds 1 --repeats 3 --warmup 5)
   train=(--batch-size 256 --steps 5 --rounds 3)
+  limits=(100 140 190)  # seconds per step: with the checks around them, under 8 minutes
 else
   card="CPU $(lscpu | sed -n 's/^Model name: *//p' | head -1), no GPU: a smoke test of gpu_check.sh, not a benchmark"
   model=$out/tiny device=cpu
@@ -83,6 +84,7 @@ else
   tower=(--precisions fp32 --batch-sizes 1,4 --seconds 0.2 --repeats 1 --warmup 2)
   compiled=(--precisions fp32 --compiled-batch-sizes 4 --seconds 0.2 --repeats 1 --warmup 2)
   train=(--batch-size 8 --steps 1 --rounds 1 --vocab 100)
+  limits=(600 600 600)  # a shared 2-core box compiles slowly
 fi
 echo "gpu_check: $card"
 
@@ -120,11 +122,11 @@ step() {  # step SECONDS NAME COMMAND...: run it; on a timeout or failure, a lin
 }
 
 bench=(benchmarks/gpu_bench.py --model "$model" --device "$device" --workdir "$out/work" --record "$results")
-step 100 "image tower, eager and CUDA-graphed" "$PYTHON" "${bench[@]}" --runtimes torch-eager,torch-cudagraph \
+step "${limits[0]}" "image tower, eager and CUDA-graphed" "$PYTHON" "${bench[@]}" --runtimes torch-eager,torch-cudagraph \
   "${tower[@]}" --faiss-vectors "$faiss_vectors" --json "$out/gpu_bench_eager.json"
-step 140 "training step" "$PYTHON" benchmarks/train_throughput.py --model "$model" --device "$device" "${train[@]}" \
+step "${limits[1]}" "training step" "$PYTHON" benchmarks/train_throughput.py --model "$model" --device "$device" "${train[@]}" \
   --record "$results"
-step 190 "image tower, torch.compile" "$PYTHON" "${bench[@]}" --runtimes torch-compile,torch-compile-cudagraph \
+step "${limits[2]}" "image tower, torch.compile" "$PYTHON" "${bench[@]}" --runtimes torch-compile,torch-compile-cudagraph \
   "${compiled[@]}" --faiss-vectors 0 --json "$out/gpu_bench_compiled.json"
 
 tail -c +"$((start_bytes + 1))" "$results" > "$out/gpu_check.md"

@@ -18,16 +18,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2100)
 def test_gpu_check_runs_every_step_on_a_cpu_and_appends_one_section(tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmark results\n")
     out = tmp_path / "out"
     proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--cpu", "--results", str(results), "--out", str(out)],
                           cwd=ROOT, env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-
+                          timeout=2000)
     section = (out / "gpu_check.md").read_text()
+    assert proc.returncode == 0, section + proc.stdout[-4000:] + proc.stderr[-2000:]
     assert results.read_text() == "# Benchmark results\n" + section  # appended once, nothing else touched
     assert section.startswith("\n## GPU check (benchmarks/gpu_check.sh): CPU ")
     assert "FAISS on the GPU: not run" in section  # faiss-cpu here: the row says why
