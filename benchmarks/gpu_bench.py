@@ -195,8 +195,9 @@ def torch_step(tower: torch.nn.Module, runtime: str, precision: str, device: str
         torch._dynamo.reset()  # a fresh compile per shape: dynamo's per-function cache holds only 8
         tower = torch.compile(tower, dynamic=False, mode=COMPILED[runtime])
     x = torch.from_numpy(pixels).to(device)
+    # A graph replays the casts it captured: autocast must not hand it cached casts that are freed after capture.
     autocast = torch.autocast(device_type=device, dtype=AUTOCAST.get(precision, torch.float32),
-                              enabled=precision in AUTOCAST)
+                              enabled=precision in AUTOCAST, cache_enabled=runtime != "torch-cudagraph")
 
     def step():
         with torch.inference_mode(), autocast:
