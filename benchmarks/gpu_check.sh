@@ -108,17 +108,19 @@ py_facts=$("$PYTHON" -c "import platform, torch, os; print(f'Python {platform.py
 } >> "$results"
 
 failed=0
-step() {  # step SECONDS NAME COMMAND...: run it; on a timeout or failure, a line in the section says so
-  local seconds=$1 name=$2 rc=0
+step() {  # step SECONDS NAME COMMAND...: run it; on a timeout or failure the section says so, with its rows so far
+  local seconds=$1 name=$2 rc=0 own=$out/step.log
   shift 2
   echo "gpu_check: $name (timeout ${seconds}s)"
-  timeout --kill-after=10 "$seconds" "$@" || rc=$?
+  timeout --kill-after=10 "$seconds" "$@" 2>&1 | tee "$own" || rc=${PIPESTATUS[0]}
   if (( rc )); then
     local why="failed (exit $rc)"
     (( rc == 124 || rc == 137 )) && why="ran out of its ${seconds} s"
-    printf '\n%s: %s; its rows so far are in the log (gpu_check.log).\n' "$name" "$why" >> "$results"
+    { printf '\n%s: %s (the log: gpu_check.log). Its rows so far:\n\n' "$name" "$why"
+      grep '^| ' "$own" || echo "(none)"; } >> "$results"
     failed=1
   fi
+  rm -f "$own"
 }
 
 bench=(benchmarks/gpu_bench.py --model "$model" --device "$device" --workdir "$out/work" --record "$results")
