@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "docker" / "gpu_requirements.py"
@@ -43,7 +44,8 @@ def test_check_refuses_a_resolution_that_brings_a_cpu_build_back(tmp_path):
     bad = run("--check", str(report(tmp_path, ["faiss-gpu-cu12", "onnxruntime-gpu", "onnxruntime"])))
     assert bad.returncode != 0 and "onnxruntime would be installed" in bad.stderr
     missing = run("--check", str(report(tmp_path, ["faiss-gpu-cu12", "faiss_cpu"])))
-    assert "faiss-cpu would be installed" in missing.stderr and "onnxruntime-gpu would not be installed" in missing.stderr
+    assert "faiss-cpu would be installed" in missing.stderr
+    assert "onnxruntime-gpu would not be installed" in missing.stderr
 
 
 def test_dockerfile_installs_the_set_on_a_cuda_runtime_and_refuses_torch():
