@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 APT_PACKAGES := tuxpaint-stamps-default fonts-noto-color-emoji chromium
 
-.PHONY: serve test test-fast lint serve-only venv demo-model apt test-servers clean
+.PHONY: serve test test-fast lint serve-only venv demo-model apt test-servers check-gpu-extra clean
 
 # --- environments ---
 $(STAMP): pyproject.toml clients/python/pyproject.toml
@@ -53,6 +53,15 @@ serve-only:
 # Fast lane for your own loop: no real servers, no training.
 test-fast: venv
 	$(BIN)/pytest -m "not slow"
+
+# The GPU gateway image's requirements (hqclip[serve] with the gpu extra in place of faiss-cpu and onnxruntime)
+# resolve on this Python, and pull in no CPU build: pip --dry-run, nothing installed (docker/gpu_requirements.py).
+check-gpu-extra: venv
+	mkdir -p build
+	$(BIN)/python docker/gpu_requirements.py > build/gpu-requirements.txt
+	$(BIN)/pip install --quiet --dry-run --ignore-installed --only-binary=:all: \
+		--report build/gpu-requirements.json -r build/gpu-requirements.txt
+	$(BIN)/python docker/gpu_requirements.py --check build/gpu-requirements.json
 
 clean:
 	rm -rf build $(VENV)

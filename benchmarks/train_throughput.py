@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.results import record
+from benchmarks.results import RESULTS, record
 from training.config import DataConfig, LossConfig
 from training.data import Sample, TextChoice
 from training.hqclip_model import HQCLIPModel, freeze_towers, load_bundle
@@ -103,7 +103,8 @@ def main() -> None:
     parser.add_argument("--mixed", action="store_true",
                         help="texts as the loop draws them: description (--words) or 12-word alt text; negative "
                         "description or joined negative tags, per sample")
-    parser.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    parser.add_argument("--record", nargs="?", const=RESULTS, type=Path, metavar="FILE",
+                        help="append the table to benchmarks/RESULTS.md (or FILE)")
     args = parser.parse_args()
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
 
@@ -150,7 +151,7 @@ def main() -> None:
     table = f"`{command}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n" + "\n".join(lines) + "\n"
     print(table)
     if args.record:
-        record(table)
+        record(table, args.record)
 
 
 if __name__ == "__main__":

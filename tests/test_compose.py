@@ -22,8 +22,8 @@ from hqclip.repo.triton_config import PLAN_SCRIPT
 from services.settings import Settings
 
 DOCKER = Path(__file__).resolve().parents[1] / "docker"
-GPU_SERVICES = {"triton", "vllm", "trt-build"}  # the gateway is the slim, torch-free image: CPU only
-LONG_RUNNING = {"triton", "vllm", "gateway"}  # trt-build is a one-shot job
+GPU_SERVICES = {"triton", "vllm", "trt-build", "gateway-gpu"}  # gateway: the slim CPU image; gateway-gpu: FAISS GPU
+LONG_RUNNING = {"triton", "vllm", "gateway", "gateway-gpu"}  # trt-build is a one-shot job
 VARIABLE = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
 
 
@@ -111,9 +111,23 @@ def test_triton_vllm_and_gateway_are_wired_together(compose):
     assert triton["depends_on"]["trt-build"] == {"condition": "service_completed_successfully", "required": False}
 
 
-def test_gateway_environment_names_real_settings(compose):
+def test_gpu_gateway_is_the_gateway_on_the_cuda_image_with_a_gpu_under_its_profile(compose):
+    gateway, gpu = compose["services"]["gateway"], compose["services"]["gateway-gpu"]
+    assert gpu["profiles"] == ["gpu"] and "profiles" not in gateway  # plain `up` starts the CPU gateway only
+    assert gpu["build"] == {"context": "..", "dockerfile": "docker/Dockerfile.gateway-gpu"}
+    assert gpu["image"].startswith("hqclip/gateway-gpu:")
+    assert gpu["environment"] == {**gateway["environment"], "HQCLIP_INDEX__GPU": "true"}
+    same = ("volumes", "ports", "healthcheck", "depends_on", "restart")
+    assert {key: gpu[key] for key in same} == {key: gateway[key] for key in same}
+    (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device == {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}
+    assert "--profile gpu up -d --scale gateway=0" in (DOCKER / "docker-compose.yml").read_text()
+
+
+@pytest.mark.parametrize("service", ["gateway", "gateway-gpu"])
+def test_gateway_environment_names_real_settings(compose, service):
     """Each HQCLIP_* variable the compose file sets is a field of services.settings.Settings (no silent typos)."""
-    for name in compose["services"]["gateway"]["environment"]:
+    for name in compose["services"][service]["environment"]:
         path = name.removeprefix("HQCLIP_").lower().split("__")
         model = Settings
         for part in path:
