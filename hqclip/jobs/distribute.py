@@ -18,12 +18,13 @@ Shards stay where they are (a filesystem every node sees) and only names and cou
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import os
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -32,9 +33,10 @@ OBJECT_STORE_BYTES = 256 * 1024**2  # a local Ray's object store: names and coun
 
 
 class ShardWork(Protocol):
-    """What a job hands the distributor: ``open()`` once per actor, then ``shard(name)`` per shard."""
+    """What a job hands the distributor: ``await open()`` once per actor (on the actor's event loop), then
+    ``await shard(name)`` per shard, several at once when ``shards_per_actor`` > 1."""
 
-    def open(self) -> Callable[[str], dict[str, Any]]: ...
+    async def open(self) -> Callable[[str], Awaitable[dict[str, Any]]]: ...
 
 
 @dataclass
@@ -70,48 +72,61 @@ def connect(address: str | None, log_to_driver: bool = True) -> None:
 
 
 class _ShardActor:
-    """One Ray Data actor: the job's work, opened once, called per shard; failures become results."""
+    """One Ray Data actor (an asyncio actor): the job's work, opened on first use, called per shard; failures
+    become results."""
 
     def __init__(self, work: ShardWork, retries: int) -> None:
-        self.shard, self.retries = work.open(), retries
+        self.work, self.retries = work, retries
+        self.shard: Callable[[str], Awaitable[dict[str, Any]]] | None = None
+        self.opening = asyncio.Lock()
 
-    def _one(self, name: str) -> ShardResult:
+    async def one(self, name: str) -> ShardResult:
         error = ""
         for _ in range(self.retries + 1):
             try:
-                return ShardResult(name, True, self.shard(name))
+                async with self.opening:
+                    if self.shard is None:
+                        self.shard = await self.work.open()
+                return ShardResult(name, True, await self.shard(name))
             except Exception as exc:  # any failure of one shard is that shard's, reported by name
                 error = f"{type(exc).__name__}: {exc}"
                 traceback.print_exc()
         return ShardResult(name, False, {}, error)
 
-    def __call__(self, batch: dict) -> dict:
-        results = [self._one(str(name)) for name in batch["shard"]]
+    async def __call__(self, batch: dict) -> dict:
+        results = [await self.one(str(name)) for name in batch["shard"]]
         return {"shard": [r.shard for r in results], "ok": [r.ok for r in results],
                 "counts": [json.dumps(r.counts) for r in results], "error": [r.error for r in results]}
 
 
 def run_on_ray(names: list[str], work: ShardWork, *, actors: int, actor_cpus: float, actor_gpus: float = 0.0,
-               retries: int = 1) -> Iterator[ShardResult]:
+               shards_per_actor: int = 1, retries: int = 1) -> Iterator[ShardResult]:
     """Each shard of ``names`` through one actor call; results in the order they finish. Call :func:`connect`
-    first. ``actors`` is the pool's size; fractional ``actor_cpus`` let I/O-bound actors share a core."""
+    first. ``actors`` is the pool's size, each working on up to ``shards_per_actor`` shards at once (so an actor's
+    requests keep flowing while one shard ends and the next begins); fractional ``actor_cpus`` let I/O-bound
+    actors share a core."""
     import ray.data
 
     if not names:
         return
     dataset = ray.data.from_items([{"shard": name} for name in names], override_num_blocks=len(names))
+    pool = ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=shards_per_actor,
+                                      max_concurrent_calls_per_actor=shards_per_actor)
     dataset = dataset.map_batches(
         _ShardActor, fn_constructor_kwargs={"work": work, "retries": retries}, batch_size=1, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=actor_cpus, num_gpus=actor_gpus or None)
+        compute=pool, num_cpus=actor_cpus, num_gpus=actor_gpus or None)
     for row in dataset.iter_rows():
         yield ShardResult(str(row["shard"]), bool(row["ok"]), json.loads(str(row["counts"])), str(row["error"]))
 
 
 def run_here(names: list[str], work: ShardWork, retries: int = 1) -> Iterator[ShardResult]:
     """The same contract in this process, one shard after another (no Ray)."""
-    actor = _ShardActor(work, retries)
-    for name in names:
-        yield actor._one(name)
+    actor, loop = _ShardActor(work, retries), asyncio.new_event_loop()
+    try:
+        for name in names:
+            yield loop.run_until_complete(actor.one(name))
+    finally:
+        loop.close()
 
 
 @dataclass
@@ -151,8 +166,8 @@ class Tally:
 
 
 def distribute(names: list[str], done: Callable[[str], bool], work: ShardWork, *, use_ray: bool,
-               address: str | None, actors: int, actor_cpus: float, actor_gpus: float = 0.0, retries: int = 1,
-               progress: bool = True, label: str = "shards") -> Tally:
+               address: str | None, actors: int, actor_cpus: float, actor_gpus: float = 0.0,
+               shards_per_actor: int = 1, retries: int = 1, progress: bool = True, label: str = "shards") -> Tally:
     """The runner shared by the jobs: skip shards ``done`` says exist, run the rest on Ray or here, one progress
     bar over shards, a :class:`Tally` at the end."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -163,7 +178,7 @@ def distribute(names: list[str], done: Callable[[str], bool], work: ShardWork, *
     tally = Tally(total=len(names), skipped=len(names) - len(pending))  # from here: actors start, shards flow
     if use_ray:
         results = run_on_ray(pending, work, actors=actors, actor_cpus=actor_cpus, actor_gpus=actor_gpus,
-                             retries=retries)
+                             shards_per_actor=shards_per_actor, retries=retries)
     else:
         results = run_here(pending, work, retries=retries)
     columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,19 +112,17 @@ class EmbedWork:
     settings: object  # services.settings.Settings: model repository, backend, batching, Triton
     batch_size: int = 64
 
-    def open(self) -> Callable[[str], dict]:
+    async def open(self) -> Callable[[str], Awaitable[dict]]:
         from services.engine import Engine
         from services.metrics import Metrics
 
         by_name = {shard.name: shard for shard in self.shards}
-        loop = asyncio.new_event_loop()
-        engine = Engine(self.settings, Metrics())
-        loop.run_until_complete(engine.start())
+        engine = Engine(self.settings, Metrics())  # lives as long as the actor (or this process's run)
+        await engine.start()
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
-        def embed(name: str) -> dict:
-            return loop.run_until_complete(embed_shard(engine, by_name[name], output_path(self.out_dir, name),
-                                                       self.batch_size))
+        def embed(name: str) -> Awaitable[dict]:
+            return embed_shard(engine, by_name[name], output_path(self.out_dir, name), self.batch_size)
 
         return embed
 

@@ -29,7 +29,7 @@ import csv
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +38,7 @@ from services.refine.client import RefineClient, RefineFailed, RefineRejected, R
 from services.refine.prompt import image_mime
 
 FAILURE_LOG = "failures.jsonl"
+SHARDS_PER_ACTOR = 2  # on Ray: while one shard's last answers land, the next shard's requests already flow
 
 
 # --- reader ---
@@ -336,15 +337,14 @@ class RefineWork:
     def shards(self) -> list[Shard]:
         return shards_of(self.sources, self.captions, self.shard_size, self.image_column, self.caption_column)
 
-    def open(self) -> Callable[[str], dict]:
+    async def open(self) -> Callable[[str], Awaitable[dict]]:
         shards = {shard.name: shard for shard in self.shards()}
-        loop = asyncio.new_event_loop()
         client = RefineClient.from_settings(self.settings)  # lives as long as the actor: its connections too
 
-        def refine_shard(name: str) -> dict:
+        async def refine_shard(name: str) -> dict:
             state = self.out_dir / ".refine-state" / f"{name}.sqlite"
-            summary = loop.run_until_complete(run([shards[name]], client, self.out_dir, state,
-                                                  self.settings.concurrency, progress=False))
+            summary = await run([shards[name]], client, self.out_dir, state, self.settings.concurrency,
+                                progress=False)
             if summary.stopped:
                 raise ShardIncomplete(summary.stopped)
             if summary.unfinished:
@@ -367,8 +367,8 @@ def refine_on_ray(shards: list[Shard], work: RefineWork, *, address: str | None,
     work = RefineWork(**{**work.__dict__, "settings": per_actor})
     work.out_dir.mkdir(parents=True, exist_ok=True)
     tally = distribute([s.name for s in shards], lambda name: (work.out_dir / name).exists(), work, use_ray=True,
-                       address=address, actors=actors, actor_cpus=actor_cpus, retries=retries, progress=progress,
-                       label="refine shards")
+                       address=address, actors=actors, actor_cpus=actor_cpus, shards_per_actor=SHARDS_PER_ACTOR,
+                       retries=retries, progress=progress, label="refine shards")
     counts = {key: int(value) for key, value in tally.counts.items()}
     return Summary(shards=len(shards), shards_written=counts.get("shards_written", 0),
                    shards_already_written=tally.skipped + counts.get("shards_already_written", 0),
