@@ -34,9 +34,12 @@ OBJECT_STORE_BYTES = 256 * 1024**2  # a local Ray's object store: names and coun
 
 class ShardWork(Protocol):
     """What a job hands the distributor: ``await open()`` once per actor (on the actor's event loop), then
-    ``await shard(name)`` per shard, several at once when ``shards_per_actor`` > 1."""
+    ``await shard(name)`` per shard, several at once when ``shards_per_actor`` > 1; ``await close()`` at the end
+    of an in-process run (a Ray actor's resources go with its process)."""
 
     async def open(self) -> Callable[[str], Awaitable[dict[str, Any]]]: ...
+
+    async def close(self) -> None: ...
 
 
 @dataclass
@@ -93,6 +96,10 @@ class _ShardActor:
                 traceback.print_exc()
         return ShardResult(name, False, {}, error)
 
+    async def close(self) -> None:
+        if self.shard is not None:
+            await self.work.close()
+
     async def __call__(self, batch: dict) -> dict:
         results = [await self.one(str(name)) for name in batch["shard"]]
         return {"shard": [r.shard for r in results], "ok": [r.ok for r in results],
@@ -126,6 +133,7 @@ def run_here(names: list[str], work: ShardWork, retries: int = 1) -> Iterator[Sh
         for name in names:
             yield loop.run_until_complete(actor.one(name))
     finally:
+        loop.run_until_complete(actor.close())
         loop.close()
 
 

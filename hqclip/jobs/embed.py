@@ -117,7 +117,7 @@ class EmbedWork:
         from services.metrics import Metrics
 
         by_name = {shard.name: shard for shard in self.shards}
-        engine = Engine(self.settings, Metrics())  # lives as long as the actor (or this process's run)
+        self.engine = engine = Engine(self.settings, Metrics())  # lives as long as the actor (or this run)
         await engine.start()
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -125,6 +125,9 @@ class EmbedWork:
             return embed_shard(engine, by_name[name], output_path(self.out_dir, name), self.batch_size)
 
         return embed
+
+    async def close(self) -> None:
+        await self.engine.close()
 
 
 def embed_dataset(sources: list[Path], out_dir: Path, settings, *, batch_size: int = 64, use_ray: bool = False,

@@ -339,7 +339,7 @@ class RefineWork:
 
     async def open(self) -> Callable[[str], Awaitable[dict]]:
         shards = {shard.name: shard for shard in self.shards()}
-        client = RefineClient.from_settings(self.settings)  # lives as long as the actor: its connections too
+        self.client = client = RefineClient.from_settings(self.settings)  # kept by the actor, connections too
 
         async def refine_shard(name: str) -> dict:
             state = self.out_dir / ".refine-state" / f"{name}.sqlite"
@@ -354,6 +354,9 @@ class RefineWork:
                     "shards_already_written": summary.shards_already_written}
 
         return refine_shard
+
+    async def close(self) -> None:
+        await self.client.aclose()
 
 
 def refine_on_ray(shards: list[Shard], work: RefineWork, *, address: str | None, actors: int, actor_cpus: float,
