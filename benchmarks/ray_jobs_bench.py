@@ -38,25 +38,31 @@ from hqclip.jobs.embed import embed_dataset  # noqa: E402
 from hqclip.jobs.refine import refine_dataset  # noqa: E402
 
 
-def in_flight_sampler(metrics_url: str) -> tuple[threading.Event, list[float]]:
-    """Requests running + waiting in vLLM, sampled every 0.1 s until the event is set."""
+def vllm_sampler(metrics_url: str) -> tuple[threading.Event, list[tuple[float, float, float]]]:
+    """(time, requests running + waiting, requests finished) from vLLM's /metrics every 0.1 s until the event."""
     stop, samples = threading.Event(), []
-    pattern = re.compile(r"^vllm:num_requests_(?:running|waiting)\{[^}]*\} (\S+)$", re.M)
+    gauges = re.compile(r"^vllm:num_requests_(?:running|waiting)\{[^}]*\} (\S+)$", re.M)
+    finished = re.compile(r"^vllm:request_success_total\{[^}]*\} (\S+)$", re.M)
 
     def sample() -> None:
         with httpx.Client(timeout=5) as client:
             while not stop.wait(0.1):
-                samples.append(sum(float(v) for v in pattern.findall(client.get(metrics_url).text)))
+                text = client.get(metrics_url).text
+                samples.append((time.monotonic(), sum(float(v) for v in gauges.findall(text)),
+                                sum(float(v) for v in finished.findall(text))))
 
     threading.Thread(target=sample, daemon=True).start()
     return stop, samples
 
 
-def steady(samples: list[float]) -> float:
-    """The mean over the middle 60% of a run (leaving out the ramp up and the tail)."""
-    cut = len(samples) // 5
-    middle = samples[cut:len(samples) - cut] or samples
-    return statistics.fmean(middle) if middle else 0.0
+def steady(samples: list[tuple[float, float, float]]) -> tuple[float, float]:
+    """(requests in flight, refinements/s) over the middle 60% of the run's time with requests in flight: the
+    ramp-up (Ray's actor start, the first images) and the tail left out, the same way for both sides."""
+    busy = [s for s in samples if s[1] > 0]
+    start, end = busy[0][0], busy[-1][0]
+    middle = [s for s in busy if start + 0.2 * (end - start) <= s[0] <= end - 0.2 * (end - start)]
+    rate = (middle[-1][2] - middle[0][2]) / (middle[-1][0] - middle[0][0])
+    return statistics.fmean(s[1] for s in middle), rate
 
 
 def bench_embed(work: Path, rounds: int, shards: int, per_shard: int) -> list[str]:
@@ -68,17 +74,20 @@ def bench_embed(work: Path, rounds: int, shards: int, per_shard: int) -> list[st
     export_checkpoint(str(write_tiny_checkpoint(work / "checkpoint")), out=work / "repo", name="tiny")
     write_shards(work / "shards", shards=shards, per_shard=per_shard)
     settings = Settings(model_repo=work / "repo")
-    totals = {"in process": [0, 0.0], "Ray": [0, 0.0]}
+    rates: dict[str, list[tuple[float, float]]] = {"in process": [], "Ray": []}
     for round_ in range(rounds):
         for name, use_ray in (("in process", False), ("Ray", True)):
             tally = embed_dataset([work / "shards"], work / f"out-{round_}-{use_ray}", settings, use_ray=use_ray,
                                   progress=False)
             assert not tally.failed, tally.failed
-            totals[name][0] += int(tally.counts["images"])
-            totals[name][1] += tally.seconds
-            print(f"embed round {round_ + 1} {name}: {tally.rate('images'):.1f} images/s", flush=True)
-    local, ray = (totals[k][0] / totals[k][1] for k in ("in process", "Ray"))
-    return [f"| embed (images/s) | {local:.1f} | {ray:.1f} | **{ray / local:.3f}** | |"]
+            rates[name].append((tally.steady_rate("images"), tally.rate("images")))
+            print(f"embed round {round_ + 1} {name}: {tally.steady_rate('images'):.1f} images/s after the first "
+                  f"shard, {tally.rate('images'):.1f} over the whole run", flush=True)
+    (local, local_all), (ray, ray_all) = (tuple(statistics.fmean(r[i] for r in rates[k]) for i in (0, 1))
+                                          for k in ("in process", "Ray"))
+    return [f"| embed (images/s), after the first shard | {local:.1f} | {ray:.1f} | **{ray / local:.3f}** | |",
+            f"| embed (images/s), whole run with start-up | {local_all:.1f} | {ray_all:.1f} | "
+            f"{ray_all / local_all:.3f} | |"]
 
 
 def bench_refine(work: Path, rounds: int, shards: int, per_shard: int, concurrency: int,
@@ -95,25 +104,25 @@ def bench_refine(work: Path, rounds: int, shards: int, per_shard: int, concurren
         settings = Settings().refine.model_copy(update={"urls": [server.url], "concurrency": concurrency,
                                                         "temperature": 1.0, "seed": 0})
         metrics = server.url.removesuffix("/v1") + "/metrics"
-        totals = {"in process": [0, 0.0, []], "Ray": [0, 0.0, []]}
+        measured: dict[str, list[tuple[float, float]]] = {"in process": [], "Ray": []}
         for round_ in range(rounds):
             for name, use_ray in (("in process", False), ("Ray", True)):
-                stop, samples = in_flight_sampler(metrics)
+                stop, samples = vllm_sampler(metrics)
                 summary = refine_dataset([work / "refine-in"], work / f"refined-{round_}-{use_ray}", settings,
                                          progress=False, use_ray=use_ray, actors=1)
                 stop.set()
                 assert summary.complete, summary
-                totals[name][0] += summary.refined
-                totals[name][1] += summary.seconds
-                totals[name][2].append(steady(samples))
-                print(f"refine round {round_ + 1} {name}: {summary.refined / summary.seconds:.2f} refinements/s, "
-                      f"{steady(samples):.1f} requests in flight", flush=True)
+                in_flight, rate = steady(samples)
+                measured[name].append((rate, in_flight))
+                print(f"refine round {round_ + 1} {name}: {rate:.2f} refinements/s, {in_flight:.1f} requests in "
+                      f"flight (steady state); {summary.refined / summary.seconds:.2f}/s over the whole run",
+                      flush=True)
     finally:
         server.stop()
-    local, ray = (totals[k][0] / totals[k][1] for k in ("in process", "Ray"))
-    flight = {k: statistics.fmean(v[2]) for k, v in totals.items()}
-    return [f"| refine (refinements/s), {concurrency} in flight asked | {local:.2f} | {ray:.2f} | "
-            f"**{ray / local:.3f}** | {flight['in process']:.1f} / {flight['Ray']:.1f} |"]
+    (local, local_flight), (ray, ray_flight) = (tuple(statistics.fmean(m[i] for m in measured[k]) for i in (0, 1))
+                                                for k in ("in process", "Ray"))
+    return [f"| refine (refinements/s, steady state), {concurrency} in flight asked | {local:.2f} | {ray:.2f} | "
+            f"**{ray / local:.3f}** | {local_flight:.1f} / {ray_flight:.1f} |"]
 
 
 def main() -> None:
@@ -130,7 +139,8 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     cores = sorted(os.sched_getaffinity(0))
-    vllm_cores = set(cores[: len(cores) // 2]) if args.pin and len(cores) > 1 and "refine" in args.jobs else None
+    pin = args.pin and len(cores) > 1 and args.jobs == ["refine"]  # embed gets every core: run them apart
+    vllm_cores = set(cores[: len(cores) // 2]) if pin else None
     if vllm_cores:
         os.sched_setaffinity(0, set(cores) - vllm_cores)  # this process and the Ray it starts
     load_before = os.getloadavg()[0]
@@ -151,7 +161,8 @@ def main() -> None:
         placement = (f"vLLM on cores {sorted(vllm_cores)}, the jobs and Ray on the others" if vllm_cores
                      else "all cores shared")
         record(f"\n## Offline jobs on Ray vs in one process (benchmarks/ray_jobs_bench.py)\n\n"
-               f"`.venv/bin/python benchmarks/ray_jobs_bench.py --jobs {' '.join(args.jobs)} --rounds {args.rounds}` "
+               f"`.venv/bin/python benchmarks/ray_jobs_bench.py --jobs {' '.join(args.jobs)} --rounds {args.rounds}"
+               f"{'' if args.pin else ' --no-pin'}` "
                f"on {cpu}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, Ray 2.60 "
                f"started once before the rounds, rounds alternated, {placement}; load average "
                f"{load_before:.1f} at the start and {os.getloadavg()[0]:.1f} at the end (other jobs shared the "

@@ -148,6 +148,7 @@ class Tally:
     counts: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
     seconds: float = 0.0
+    first: tuple[float, dict[str, float]] | None = None  # when the first shard finished, and the counts then
 
     def add(self, result: ShardResult) -> None:
         if result.ok:
@@ -158,14 +159,24 @@ class Tally:
         else:
             self.failed[result.shard] = result.error
         self.seconds = time.monotonic() - self.started
+        if self.first is None:
+            self.first = (self.seconds, dict(self.counts))
 
     def rate(self, count: str) -> float:
+        """Over the whole run: start-up (actors, engines) included."""
         return self.counts.get(count, 0) / self.seconds if self.seconds else 0.0
+
+    def steady_rate(self, count: str) -> float:
+        """From the first shard's end to the last's: the rate once the actors are up (0 with one shard)."""
+        if self.first is None or self.seconds <= self.first[0]:
+            return 0.0
+        return (self.counts.get(count, 0) - self.first[1].get(count, 0)) / (self.seconds - self.first[0])
 
     def lines(self, unit: str, count: str) -> list[str]:
         lines = [f"shards: {self.done} done now, {self.skipped} already done, {len(self.failed)} failed, "
                  f"of {self.total}",
-                 f"{unit}: {int(self.counts.get(count, 0))} in {self.seconds:.0f}s ({self.rate(count):.2f}/s)"]
+                 f"{unit}: {int(self.counts.get(count, 0))} in {self.seconds:.0f}s ({self.rate(count):.2f}/s; "
+                 f"{self.steady_rate(count):.2f}/s after the first shard)"]
         for shard, error in sorted(self.failed.items()):
             lines.append(f"failed: {shard}: {error}")
         if self.failed:
