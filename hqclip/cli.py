@@ -116,6 +116,12 @@ def train(
     train_main((["--config", str(config)] if config else []) + list(overrides or []))
 
 
+# The offline jobs' distributor options (refine, embed, index build): hqclip/jobs/distribute.py, docs/scale.md.
+_RAY = typer.Option(None, "--ray/--no-ray", help="Run on Ray (default: when installed) or in this process.")
+_RAY_ADDRESS = typer.Option(None, help="Join a Ray cluster: auto (`ray start` here) or ray://HOST:10001. "
+                            "Default: start a local Ray.")
+
+
 @app.command()
 def refine(
     sources: list[Path] = typer.Argument(..., help="Webdataset .tar shards or folders of them (img2dataset output), "
@@ -132,9 +138,8 @@ def refine(
                                       "($SLURM_ARRAY_TASK_ID; see --worker-count). Ray needs no split."),
     worker_count: int = typer.Option(1, min=1, help="Parts the shards are split into ($SLURM_ARRAY_TASK_COUNT)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
-    ray: bool = typer.Option(None, "--ray/--no-ray", help="Run on Ray (default: when installed) or in this process."),
-    ray_address: str = typer.Option(None, help="Join a Ray cluster: auto (`ray start` here) or ray://HOST:10001. "
-                                    "Default: start a local Ray."),
+    ray: bool = _RAY,
+    ray_address: str = _RAY_ADDRESS,
     actors: int = typer.Option(None, min=1, help="On Ray: async actors sharing --concurrency (default: one per "
                                "LVLM server)."),
     actor_cpus: float = typer.Option(0.25, min=0.01, help="On Ray: CPUs each actor reserves (it mostly waits)."),
@@ -171,9 +176,8 @@ def embed(
                              "items); a rerun skips those written."),
     batch_size: int = typer.Option(64, min=1, help="Images sent to the engine at once."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
-    ray: bool = typer.Option(None, "--ray/--no-ray", help="Run on Ray (default: when installed) or in this process."),
-    ray_address: str = typer.Option(None, help="Join a Ray cluster: auto (`ray start` here) or ray://HOST:10001. "
-                                    "Default: start a local Ray."),
+    ray: bool = _RAY,
+    ray_address: str = _RAY_ADDRESS,
     actors: int = typer.Option(1, min=1, help="On Ray: actors, each holding one engine (HQCLIP_BACKEND)."),
     actor_cpus: float = typer.Option(1.0, min=0.01, help="On Ray: CPUs each actor reserves."),
     actor_gpus: float = typer.Option(0.0, min=0.0, help="On Ray: GPUs each actor reserves (1 with a CUDA backend)."),
@@ -287,9 +291,8 @@ def index_build(
     kind: str = typer.Option("auto", help="flat, hnsw, ivfpq, or auto: ivfpq from 100,000 images up, else flat."),
     batch_size: int = typer.Option(64, min=1, help="Images embedded and stored per step."),
     snapshot_every: int = typer.Option(20_000, min=1, help="Items between snapshots."),
-    ray: bool = typer.Option(None, "--ray/--no-ray", help="Embed .tar shards on Ray (default: when installed), then "
-                             "store them here; or all in this process."),
-    ray_address: str = typer.Option(None, help="Join a Ray cluster: auto or ray://HOST:10001. Default: a local Ray."),
+    ray: bool = _RAY,
+    ray_address: str = _RAY_ADDRESS,
     embeddings: Path = typer.Option(None, help="On Ray: where the embedding shards go (default: SOURCE.embeddings "
                                     "beside the shards); a rerun reuses them."),
     actors: int = typer.Option(1, min=1, help="On Ray: embedding actors (`hqclip embed --help`)."),

@@ -26,6 +26,7 @@ import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 SCALE_HINT = "to spread it over cores, GPUs or machines: pip install 'hqclip[ray]' (docs/scale.md)"
@@ -48,6 +49,23 @@ class ShardResult:
     ok: bool
     counts: dict[str, Any]  # what the job's shard function returned (empty when it failed)
     error: str = ""
+
+
+def tar_shards(sources: list[Path]) -> list[Path]:
+    """The .tar shards named, or found (sorted) in the folders named. Outputs are named after them, so two of one
+    name are refused."""
+    shards: list[Path] = []
+    for source in map(Path, sources):
+        if source.is_dir():
+            shards.extend(sorted(source.glob("*.tar")))
+        elif source.suffix == ".tar" and source.is_file():
+            shards.append(source)
+        else:
+            raise ValueError(f"{source} is neither a .tar shard nor a folder of them")
+    names = [shard.name for shard in shards]
+    if len(set(names)) != len(names):
+        raise ValueError("two input shards share a file name; output shards are named after input shards")
+    return shards
 
 
 def ray_installed() -> bool:

@@ -24,28 +24,17 @@ from pathlib import Path
 
 import numpy as np
 
-from hqclip.jobs.distribute import Tally, distribute
+from hqclip.jobs.distribute import Tally, distribute, tar_shards
 from hqclip.jobs.index_build import Record, embed_batch, read_shards
 
 SUFFIX = ".npz"
 
 
 def input_shards(sources: list[Path]) -> list[Path]:
-    """Tar shards named directly or found in folders; their stems name the outputs, so they must differ."""
-    shards: list[Path] = []
-    for source in sources:
-        source = Path(source)
-        if source.is_dir():
-            shards.extend(sorted(source.glob("*.tar")))
-        elif source.suffix == ".tar" and source.is_file():
-            shards.append(source)
-        else:
-            raise ValueError(f"{source} is neither a .tar shard nor a folder of them")
+    """Tar shards named directly or found in folders (absolute: actors elsewhere open them)."""
+    shards = tar_shards(sources)
     if not shards:
         raise ValueError(f"no .tar shards in {', '.join(map(str, sources))}")
-    stems = [s.stem for s in shards]
-    if len(set(stems)) != len(stems):
-        raise ValueError("two input shards share a name; embedding shards are named after input shards")
     return [s.resolve() for s in shards]
 
 

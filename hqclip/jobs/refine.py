@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hqclip.jobs.distribute import tar_shards
 from hqclip.shards import Sample, image_files, json_member, read_tar, sample, write_tar
 from services.refine.client import RefineClient, RefineFailed, RefineRejected, RefinerUnavailable
 from services.refine.prompt import image_mime
@@ -46,10 +47,6 @@ SHARDS_PER_ACTOR = 2  # on Ray: while one shard's last answers land, the next sh
 class Shard:
     name: str  # the output file name
     read: Callable[[], Iterator[Sample]]
-
-
-def tar_shards(paths: list[Path]) -> list[Shard]:
-    return [Shard(path.name, lambda path=path: read_tar(path)) for path in paths]
 
 
 def folder_shards(images: Path, captions: Path | None, shard_size: int, image_column: str = "image",
@@ -304,18 +301,7 @@ def shards_of(sources: list[Path], captions: Path | None, shard_size: int, image
     """The reader for what the user named: tar files, folders of tars, or one folder of images."""
     if len(sources) == 1 and sources[0].is_dir() and not any(sources[0].glob("*.tar")):
         return folder_shards(sources[0], captions, shard_size, image_column, caption_column)
-    tars = []
-    for source in sources:
-        if source.is_dir():
-            tars.extend(sorted(source.glob("*.tar")))
-        elif source.suffix == ".tar" and source.is_file():
-            tars.append(source)
-        else:
-            raise ValueError(f"{source} is neither a .tar shard, a folder of shards nor a folder of images")
-    names = [path.name for path in tars]
-    if len(set(names)) != len(names):
-        raise ValueError("two input shards share a file name; output shards are named after input shards")
-    return tar_shards(tars)
+    return [Shard(path.name, lambda path=path: read_tar(path)) for path in tar_shards(sources)]
 
 
 class ShardIncomplete(RuntimeError):
