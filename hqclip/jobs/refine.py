@@ -30,10 +30,10 @@ import json
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from hqclip.jobs.distribute import tar_shards
+from hqclip.jobs.distribute import distribute, tar_shards
 from hqclip.shards import Sample, image_files, json_member, read_tar, sample, write_tar
 from services.refine.client import RefineClient, RefineFailed, RefineRejected, RefinerUnavailable
 from services.refine.prompt import image_mime
@@ -349,11 +349,9 @@ def refine_on_ray(shards: list[Shard], work: RefineWork, *, address: str | None,
                   retries: int, progress: bool) -> Summary:
     """Every shard not written yet through one Ray actor call each; ``work.settings.concurrency`` requests in
     flight in all, shared evenly by the actors (so per LVLM server: concurrency / servers)."""
-    from hqclip.jobs.distribute import distribute
-
     actors = max(1, min(actors, len(shards)))
     per_actor = work.settings.model_copy(update={"concurrency": max(1, -(-work.settings.concurrency // actors))})
-    work = RefineWork(**{**work.__dict__, "settings": per_actor})
+    work = replace(work, settings=per_actor)
     work.out_dir.mkdir(parents=True, exist_ok=True)
     tally = distribute([s.name for s in shards], lambda name: (work.out_dir / name).exists(), work, use_ray=True,
                        address=address, actors=actors, actor_cpus=actor_cpus, shards_per_actor=SHARDS_PER_ACTOR,
