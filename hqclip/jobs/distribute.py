@@ -11,9 +11,9 @@ output shard atomically (hqclip/shards.py) and returns a JSON-able dict of count
 - a shard whose work raises is retried ``retries`` times in the actor, then reported by name as failed; an
   exception never reaches Ray Data, so one bad shard does not end the dataset.
 
-Why Ray Data and not Ray's own checkpointing over sample rows: its blocks of webdataset samples are pandas frames,
-its checkpointing crashed on them, and a sample-level dataset would move every image through the object store.
-Shards stay where they are (a filesystem every node sees) and only names and counts travel.
+Why a dataset of shard names, not of samples with Ray Data's own checkpointing: Ray Data reads webdataset samples
+into pandas blocks, its checkpointing crashed on them (Ray 2.60), and a sample-level dataset would move every image
+through the object store. Shards stay where they are (a filesystem every node sees); only names and counts travel.
 """
 
 from __future__ import annotations
