@@ -22,6 +22,7 @@ import asyncio
 import importlib.util
 import json
 import os
+import threading
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterator
@@ -100,8 +101,10 @@ class _ShardActor:
         self.work, self.retries = work, retries
         self.shard: Callable[[str], Awaitable[dict[str, Any]]] | None = None
         self.opening = asyncio.Lock()
+        self.loop: tuple[asyncio.AbstractEventLoop, int] | None = None  # the loop the work runs on, and its thread
 
     async def one(self, name: str) -> ShardResult:
+        self.loop = (asyncio.get_running_loop(), threading.get_ident())
         error = ""
         for _ in range(self.retries + 1):
             try:
@@ -116,7 +119,21 @@ class _ShardActor:
 
     async def close(self) -> None:
         if self.shard is not None:
+            self.shard = None
             await self.work.close()
+
+    def __del__(self) -> None:
+        """Ray Data drops an actor's UDF when the actor shuts down gracefully: close the engine or client on the
+        loop they run on (from another thread; a killed actor's resources go with its process)."""
+        if self.shard is None or self.loop is None:
+            return
+        loop, thread = self.loop
+        if loop.is_closed() or not loop.is_running() or thread == threading.get_ident():
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self.close(), loop).result(timeout=10)
+        except Exception:  # at shutdown, best effort: the process is going anyway
+            pass
 
     async def __call__(self, batch: dict) -> dict:
         results = [await self.one(str(name)) for name in batch["shard"]]
