@@ -10,7 +10,7 @@ APT_PACKAGES := tuxpaint-stamps-default fonts-noto-color-emoji chromium
 # --- environments ---
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[serve,train,dev]' -e 'clients/python[cli]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[serve,train,ray,dev]' -e 'clients/python[cli]'
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -116,6 +116,12 @@ def train(
     train_main((["--config", str(config)] if config else []) + list(overrides or []))
 
 
+# The offline jobs' distributor options (refine, embed, index build): hqclip/jobs/distribute.py, docs/scale.md.
+_RAY = typer.Option(None, "--ray/--no-ray", help="Run on Ray (default: when installed) or in this process.")
+_RAY_ADDRESS = typer.Option(None, help="Join a Ray cluster: auto (`ray start` here) or ray://HOST:10001. "
+                            "Default: start a local Ray.")
+
+
 @app.command()
 def refine(
     sources: list[Path] = typer.Argument(..., help="Webdataset .tar shards or folders of them (img2dataset output), "
@@ -128,27 +134,95 @@ def refine(
     image_column: str = typer.Option("image", help="The CSV's image path column (relative to the folder)."),
     caption_column: str = typer.Option("caption", help="The CSV's alt text column."),
     shard_size: int = typer.Option(10_000, min=1, help="Samples per output shard, with a folder of images."),
-    worker_index: int = typer.Option(0, min=0, help="This machine's part of the shards (see --worker-count)."),
-    worker_count: int = typer.Option(1, min=1, help="Machines splitting the shards, each with its own LVLM."),
+    worker_index: int = typer.Option(0, min=0, help="This job's part of the shards, for SLURM array jobs "
+                                      "($SLURM_ARRAY_TASK_ID; see --worker-count). Ray needs no split."),
+    worker_count: int = typer.Option(1, min=1, help="Parts the shards are split into ($SLURM_ARRAY_TASK_COUNT)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    ray: bool = _RAY,
+    ray_address: str = _RAY_ADDRESS,
+    actors: int = typer.Option(None, min=1, help="On Ray: async actors sharing --concurrency (default: one per "
+                               "LVLM server)."),
+    actor_cpus: float = typer.Option(0.25, min=0.01, help="On Ray: CPUs each actor reserves (it mostly waits)."),
+    retries: int = typer.Option(1, min=0, help="On Ray: retries of a shard left incomplete before it is reported."),
 ) -> None:
-    """Refine images + alt texts with an LVLM into training shards (desc, neg_desc, tags, neg_tags); resumable."""
+    """Refine images + alt texts with an LVLM into training shards (desc, neg_desc, tags, neg_tags); resumable.
+    --concurrency is the requests in flight over all servers: servers x what one vLLM replica takes."""
     with _needs("serve", "refine"):
         from hqclip.jobs.refine import refine_dataset, summary_text
         from services.settings import Settings
 
+    use_ray = _ray_wanted(ray, ray_address, "refine")
     settings = Settings().refine
     settings.urls = url or settings.urls
     settings.concurrency = concurrency or settings.concurrency
     try:
         summary = refine_dataset(sources, out, settings, captions=captions, shard_size=shard_size,
                                  image_column=image_column, caption_column=caption_column,
-                                 worker_index=worker_index, worker_count=worker_count, progress=progress)
+                                 worker_index=worker_index, worker_count=worker_count, progress=progress,
+                                 use_ray=use_ray, ray_address=ray_address, actors=actors or max(len(settings.urls), 1),
+                                 actor_cpus=actor_cpus, retries=retries)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(summary_text(summary, out))
+    _scale_hint(use_ray)
     raise typer.Exit(0 if summary.complete else 1)
+
+
+@app.command()
+def embed(
+    sources: list[Path] = typer.Argument(..., help="Webdataset .tar shards or folders of them."),
+    out: Path = typer.Option(..., help="Folder for the embedding shards, <shard>.npz each (keys, ids, embeddings, "
+                             "items); a rerun skips those written."),
+    batch_size: int = typer.Option(64, min=1, help="Images sent to the engine at once."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+    ray: bool = _RAY,
+    ray_address: str = _RAY_ADDRESS,
+    actors: int = typer.Option(1, min=1, help="On Ray: actors, each holding one engine (HQCLIP_BACKEND)."),
+    actor_cpus: float = typer.Option(1.0, min=0.01, help="On Ray: CPUs each actor reserves."),
+    actor_gpus: float = typer.Option(0.0, min=0.0, help="On Ray: GPUs each actor reserves (1 with a CUDA backend)."),
+    retries: int = typer.Option(1, min=0, help="Retries of a failing shard before it is reported."),
+) -> None:
+    """Image embeddings of webdataset shards through the model repository (HQCLIP_MODEL_REPO), one .npz per shard
+    joinable by key; `hqclip index build OUT NAME` loads them into a collection."""
+    with _needs("serve", "embed"):
+        from hqclip.jobs.embed import embed_dataset
+        from services.settings import Settings
+
+    use_ray = _ray_wanted(ray, ray_address, "embed")
+    try:
+        tally = embed_dataset(sources, out, Settings(), batch_size=batch_size, use_ray=use_ray,
+                              ray_address=ray_address, actors=actors, actor_cpus=actor_cpus, actor_gpus=actor_gpus,
+                              retries=retries, progress=progress)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo("\n".join(tally.lines("images", "images")))
+    _scale_hint(use_ray)
+    raise typer.Exit(1 if tally.failed else 0)
+
+
+def _ray_wanted(flag: bool | None, address: str | None, command: str) -> bool:
+    """--ray/--no-ray and --ray-address: Ray when asked for or installed; asked for but missing, one line."""
+    from hqclip.jobs.distribute import ray_installed
+
+    if flag is False:
+        if address:
+            raise typer.BadParameter("--no-ray with --ray-address: pick one", param_hint="--ray-address")
+        return False
+    if flag is None and not address:
+        return ray_installed()
+    if not ray_installed():
+        typer.echo(f"error: `hqclip {command}` on Ray needs the 'ray' extra: pip install 'hqclip[ray]'", err=True)
+        raise typer.Exit(2)
+    return True
+
+
+def _scale_hint(used_ray: bool) -> None:
+    from hqclip.jobs.distribute import SCALE_HINT, ray_installed
+
+    if not used_ray and not ray_installed():
+        typer.echo(f"ran in one process; {SCALE_HINT}", err=True)
 
 
 @app.command("eval")
@@ -217,20 +291,44 @@ def index_build(
     kind: str = typer.Option("auto", help="flat, hnsw, ivfpq, or auto: ivfpq from 100,000 images up, else flat."),
     batch_size: int = typer.Option(64, min=1, help="Images embedded and stored per step."),
     snapshot_every: int = typer.Option(20_000, min=1, help="Items between snapshots."),
+    ray: bool = _RAY,
+    ray_address: str = _RAY_ADDRESS,
+    embeddings: Path = typer.Option(None, help="On Ray: where the embedding shards go (default: SOURCE.embeddings "
+                                    "beside the shards); a rerun reuses them."),
+    actors: int = typer.Option(1, min=1, help="On Ray: embedding actors (`hqclip embed --help`)."),
+    actor_cpus: float = typer.Option(1.0, min=0.01, help="On Ray: CPUs per embedding actor."),
+    actor_gpus: float = typer.Option(0.0, min=0.0, help="On Ray: GPUs per embedding actor."),
 ) -> None:
-    """Embed images through the model repository (HQCLIP_MODEL_REPO) into a collection the gateway loads at start.
-    Stop the gateway serving HQCLIP_INDEX__DIR first, or build into another folder."""
+    """Embed images through the model repository (HQCLIP_MODEL_REPO) into a collection the gateway loads at start;
+    SOURCE may also be a folder of embedding shards (`hqclip embed`). Stop the gateway serving HQCLIP_INDEX__DIR
+    first, or build into another folder."""
     import dataclasses
     import json
 
     with _needs("serve", "index build"):
+        from hqclip.jobs.embed import build_from_embeddings, embed_dataset, embedding_shards
         from hqclip.jobs.index_build import build
         from services.settings import Settings
 
     if kind not in ("auto", "flat", "hnsw", "ivfpq"):
         raise typer.BadParameter("kind must be auto, flat, hnsw or ivfpq", param_hint="--kind")
-    summary = build(source, name, Settings(), kind, batch_size, snapshot_every)
+    settings = Settings()
+    shards = (source.is_dir() and any(source.glob("*.tar"))) or source.suffix == ".tar"
+    use_ray = shards and _ray_wanted(ray, ray_address, "index build")
+    if use_ray:  # the embedding on Ray, the collection's writes here (one writer)
+        embeddings = embeddings or source.with_name(source.name + ".embeddings")
+        tally = embed_dataset([source], embeddings, settings, batch_size=batch_size, use_ray=True,
+                              ray_address=ray_address, actors=actors, actor_cpus=actor_cpus, actor_gpus=actor_gpus)
+        typer.echo("\n".join(tally.lines("images", "images")), err=True)
+        if tally.failed:
+            raise typer.Exit(1)
+        source = embeddings
+    if source.is_dir() and embedding_shards(source):
+        summary = build_from_embeddings(source, name, settings, kind, snapshot_every)
+    else:
+        summary = build(source, name, settings, kind, batch_size, snapshot_every)
     typer.echo(json.dumps(dataclasses.asdict(summary)))
+    _scale_hint(use_ray or not shards)
 
 if __name__ == "__main__":
     app()

@@ -1,5 +1,6 @@
-"""`hqclip refine` against a real vLLM server: killed mid-way and rerun, every sample is refined exactly once and
-written once, in shards the training job reads; a folder of images with a CSV works the same; workers split shards."""
+"""`hqclip refine` in one process against a real vLLM server: killed mid-way and rerun, every sample is refined
+exactly once and written once, in shards the training job reads; a folder of images with a CSV works the same;
+SLURM array tasks split the shards. The same job on Ray: tests/test_ray_refine.py."""
 
 from __future__ import annotations
 
@@ -66,9 +67,10 @@ def read_output(folder: Path) -> list[tuple[str, str, dict[str, bytes]]]:
     return out
 
 
-def refine_command(source: Path, out: Path, url: str, *extra: str) -> list[str]:
+def refine_command(source: Path, out: Path, url: str, *extra: str, ray: bool = False) -> list[str]:
+    """The single-process job by default; with ``ray``, on a local Ray (tests/test_ray_refine.py)."""
     return [sys.executable, "-m", "hqclip.cli", "refine", str(source), "--out", str(out), "--url", url,
-            "--no-progress", *extra]
+            "--no-progress", "--ray" if ray else "--no-ray", *extra]
 
 
 ENV = {**os.environ, "HQCLIP_REFINE__TEMPERATURE": "1.0"}  # the tiny model ends its answers when sampled

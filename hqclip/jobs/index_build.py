@@ -146,7 +146,7 @@ def open_or_create(path: Path, params: IndexParams, dim: int, model: str) -> Col
 
 
 # --- mapper ---
-async def _embed(engine, batch: list[Record], failed: list[str]) -> tuple[list[Record], np.ndarray | None]:
+async def embed_batch(engine, batch: list[Record], failed: list[str]) -> tuple[list[Record], np.ndarray | None]:
     """Embeddings of a batch; an image that does not decode is logged and left out, not the whole batch."""
     try:
         return batch, await engine.embed_images([r.image for r in batch], param="image")
@@ -156,7 +156,7 @@ async def _embed(engine, batch: list[Record], failed: list[str]) -> tuple[list[R
             return [], None
     kept, vectors = [], []
     for record in batch:
-        one, vector = await _embed(engine, [record], failed)
+        one, vector = await embed_batch(engine, [record], failed)
         if one:
             kept.append(record)
             vectors.append(vector[0])
@@ -188,7 +188,7 @@ def build(source: Path, name: str, settings: Settings, kind: str = "auto", batch
 
                 async def flush(batch: list[Record]) -> None:
                     nonlocal added, since_snapshot
-                    kept, vectors = await _embed(engine, batch, failed)
+                    kept, vectors = await embed_batch(engine, batch, failed)
                     if kept:
                         await asyncio.to_thread(collection.upsert, [r.item() for r in kept], vectors)
                         added += len(kept)

@@ -4,7 +4,8 @@ Shaped like clip-retrieval's inference job, one piece per step:
 
 - reader: :class:`Shard` lists from webdataset tars (img2dataset output: ``{key}.jpg|png|webp`` + ``.json``/``.txt``)
   or from a folder of images with a CSV of alt texts, cut into shards of ``shard_size``;
-  ``worker_index/worker_count`` keep every n-th shard, so N machines split a dataset without talking.
+  ``worker_index/worker_count`` keep every n-th shard: for SLURM array jobs, one array task per part
+  (``--worker-index $SLURM_ARRAY_TASK_ID --worker-count $SLURM_ARRAY_TASK_COUNT``); a Ray cluster needs no split.
 - mapper: one sample -> :class:`RefineClient` -> the four fields.
 - state: :class:`State`, SQLite: each refined sample is committed as it lands; a rerun skips those.
 - writer: once every sample of a shard has its answer, the output shard is written whole (temporary file, fsync,
@@ -12,6 +13,10 @@ Shaped like clip-retrieval's inference job, one piece per step:
   again, so no sample is ever written twice, whatever the crash.
 - runner: :func:`run`, ``concurrency`` samples in flight, a progress bar with rate and ETA, a failure log
   (``failures.jsonl``) and a :class:`Summary`.
+- distributor: in this process (all shards through one :func:`run`), or on Ray (hqclip/jobs/distribute.py): one
+  actor call per shard, each actor an async client with ``concurrency / actors`` requests in flight, :func:`run`
+  on that one shard with the shard's own state file (``.refine-state/<shard>.sqlite``, so actors on several
+  machines never share a database); a shard left incomplete is retried, then reported by name.
 
 Output samples keep every member of the input sample; the JSON gains ``desc``, ``neg_desc``, ``tags``, ``neg_tags``
 and keeps the alt text under ``caption``: the format ``hqclip train`` reads.
@@ -24,15 +29,17 @@ import csv
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from hqclip.jobs.distribute import distribute, tar_shards
 from hqclip.shards import Sample, image_files, json_member, read_tar, sample, write_tar
 from services.refine.client import RefineClient, RefineFailed, RefineRejected, RefinerUnavailable
 from services.refine.prompt import image_mime
 
 FAILURE_LOG = "failures.jsonl"
+SHARDS_PER_ACTOR = 2  # on Ray: while one shard's last answers land, the next shard's requests already flow
 
 
 # --- reader ---
@@ -40,10 +47,6 @@ FAILURE_LOG = "failures.jsonl"
 class Shard:
     name: str  # the output file name
     read: Callable[[], Iterator[Sample]]
-
-
-def tar_shards(paths: list[Path]) -> list[Shard]:
-    return [Shard(path.name, lambda path=path: read_tar(path)) for path in paths]
 
 
 def folder_shards(images: Path, captions: Path | None, shard_size: int, image_column: str = "image",
@@ -150,11 +153,11 @@ class Summary:
     unfinished: int = 0  # samples that failed this time and will be retried by a rerun
     stopped: str | None = None  # why the run stopped early
     seconds: float = 0.0
-    errors: list[str] = field(default_factory=list)
+    failed_shards: dict[str, str] = field(default_factory=dict)  # on Ray: shard -> why, after its retries
 
     @property
     def complete(self) -> bool:
-        return self.stopped is None and self.unfinished == 0
+        return self.stopped is None and self.unfinished == 0 and not self.failed_shards
 
 
 class _Progress:
@@ -285,6 +288,11 @@ def summary_text(summary: Summary, out_dir: Path) -> str:
         lines.append(f"{summary.unfinished} samples failed this time: rerun the same command to retry them")
     if summary.stopped:
         lines.append(f"stopped: {summary.stopped}; progress is kept, rerun the same command to go on")
+    for shard, error in sorted(summary.failed_shards.items()):
+        lines.append(f"failed shard: {shard}: {error}")
+    if summary.failed_shards:
+        lines.append(f"{len(summary.failed_shards)} shards failed after their retries: rerun the same command to "
+                     "retry them (their refined samples are kept)")
     return "\n".join(lines)
 
 
@@ -293,26 +301,81 @@ def shards_of(sources: list[Path], captions: Path | None, shard_size: int, image
     """The reader for what the user named: tar files, folders of tars, or one folder of images."""
     if len(sources) == 1 and sources[0].is_dir() and not any(sources[0].glob("*.tar")):
         return folder_shards(sources[0], captions, shard_size, image_column, caption_column)
-    tars = []
-    for source in sources:
-        if source.is_dir():
-            tars.extend(sorted(source.glob("*.tar")))
-        elif source.suffix == ".tar" and source.is_file():
-            tars.append(source)
-        else:
-            raise ValueError(f"{source} is neither a .tar shard, a folder of shards nor a folder of images")
-    names = [path.name for path in tars]
-    if len(set(names)) != len(names):
-        raise ValueError("two input shards share a file name; output shards are named after input shards")
-    return tar_shards(tars)
+    return [Shard(path.name, lambda path=path: read_tar(path)) for path in tar_shards(sources)]
+
+
+class ShardIncomplete(RuntimeError):
+    """A shard some of whose samples got no final answer this time (the distributor retries it)."""
+
+
+@dataclass
+class RefineWork:
+    """The job as the distributor sees it (picklable): each actor opens its own client and event loop."""
+
+    sources: list[Path]
+    out_dir: Path
+    settings: object  # services.settings.RefineSettings; ``concurrency`` is this actor's share
+    captions: Path | None = None
+    shard_size: int = 10_000
+    image_column: str = "image"
+    caption_column: str = "caption"
+
+    def shards(self) -> list[Shard]:
+        return shards_of(self.sources, self.captions, self.shard_size, self.image_column, self.caption_column)
+
+    async def open(self) -> Callable[[str], Awaitable[dict]]:
+        shards = {shard.name: shard for shard in self.shards()}
+        self.client = client = RefineClient.from_settings(self.settings)  # kept by the actor, connections too
+
+        async def refine_shard(name: str) -> dict:
+            state = self.out_dir / ".refine-state" / f"{name}.sqlite"
+            summary = await run([shards[name]], client, self.out_dir, state, self.settings.concurrency,
+                                progress=False)
+            if summary.stopped:
+                raise ShardIncomplete(summary.stopped)
+            if summary.unfinished:
+                raise ShardIncomplete(f"{summary.unfinished} samples got no usable answer (see {FAILURE_LOG})")
+            return {"refined": summary.refined, "already_refined": summary.already_refined,
+                    "rejected": summary.rejected, "shards_written": summary.shards_written,
+                    "shards_already_written": summary.shards_already_written}
+
+        return refine_shard
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+def refine_on_ray(shards: list[Shard], work: RefineWork, *, address: str | None, actors: int, actor_cpus: float,
+                  retries: int, progress: bool) -> Summary:
+    """Every shard not written yet through one Ray actor call each; ``work.settings.concurrency`` requests in
+    flight in all, shared evenly by the actors (so per LVLM server: concurrency / servers)."""
+    actors = max(1, min(actors, len(shards)))
+    per_actor = work.settings.model_copy(update={"concurrency": max(1, -(-work.settings.concurrency // actors))})
+    work = replace(work, settings=per_actor)
+    work.out_dir.mkdir(parents=True, exist_ok=True)
+    tally = distribute([s.name for s in shards], lambda name: (work.out_dir / name).exists(), work, use_ray=True,
+                       address=address, actors=actors, actor_cpus=actor_cpus, shards_per_actor=SHARDS_PER_ACTOR,
+                       retries=retries, progress=progress, label="refine shards")
+    counts = {key: int(value) for key, value in tally.counts.items()}
+    return Summary(shards=len(shards), shards_written=counts.get("shards_written", 0),
+                   shards_already_written=tally.skipped + counts.get("shards_already_written", 0),
+                   refined=counts.get("refined", 0), already_refined=counts.get("already_refined", 0),
+                   rejected=counts.get("rejected", 0), seconds=tally.seconds, failed_shards=tally.failed)
 
 
 def refine_dataset(sources: list[Path], out_dir: Path, settings, *, captions: Path | None = None,
                    shard_size: int = 10_000, image_column: str = "image", caption_column: str = "caption",
-                   worker_index: int = 0, worker_count: int = 1, progress: bool = True) -> Summary:
-    """The whole job for one worker; ``settings`` is a services.settings.RefineSettings."""
-    shards = my_shards(shards_of(sources, captions, shard_size, image_column, caption_column),
-                       worker_index, worker_count)
+                   worker_index: int = 0, worker_count: int = 1, progress: bool = True, use_ray: bool = False,
+                   ray_address: str | None = None, actors: int = 1, actor_cpus: float = 0.25,
+                   retries: int = 1) -> Summary:
+    """The whole job for one worker; ``settings`` is a services.settings.RefineSettings. With ``use_ray``, on a
+    local Ray or the cluster at ``ray_address``, ``actors`` async actors sharing ``settings.concurrency``."""
+    work = RefineWork([Path(s).resolve() for s in sources], Path(out_dir).resolve(), settings,
+                      captions.resolve() if captions else None, shard_size, image_column, caption_column)
+    shards = my_shards(work.shards(), worker_index, worker_count)
+    if use_ray:
+        return refine_on_ray(shards, work, address=ray_address, actors=actors, actor_cpus=actor_cpus,
+                             retries=retries, progress=progress)
     state_path = out_dir / ".refine-state" / f"worker-{worker_index}-of-{worker_count}.sqlite"
 
     async def go() -> Summary:
