@@ -34,9 +34,9 @@ from hqclip_client import (
 )
 from hqclip_client.api import chunks, shift_index
 from hqclip_client.images import png
-from tests.conftest import free_port
-from tests.photos import b64, encode, jpeg, photo
-from tests.servers.vllm import MODEL_NAME
+from testkit.photos import b64, encode, jpeg, photo
+from testkit.processes import free_port
+from testkit.vllm import MODEL_NAME
 
 LABELS = ["cat", "astronaut", "coffee cup", "rocket"]
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")

@@ -15,7 +15,7 @@ from playwright.async_api import async_playwright, expect
 
 from hqclip_client import Client, Item
 from hqclip_client.ingest import thumbnail
-from tests.photos import jpeg, write_jpegs
+from testkit.photos import jpeg, write_jpegs
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="session")]
 
