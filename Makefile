@@ -25,8 +25,11 @@ test-servers: venv
 	bash tests/servers/triton_env.sh
 
 # --- the demo model ---
+# ... and the `demo` collection of its held-out images (hqclip/jobs/demo_collection.py), in the folder `serve` uses.
+INDEX_DIR := $(or $(HQCLIP_INDEX__DIR),data/collections)
 demo-model: venv apt
-	test -f model_repo/demo.manifest.json || $(BIN)/hqclip demo build
+	test -f model_repo/demo.manifest.json && grep -qs '"complete": true' $(INDEX_DIR)/.demo-seed.json \
+		|| $(BIN)/hqclip demo build
 
 # --- the two commands ---
 serve: demo-model

@@ -46,7 +46,7 @@ from hqclip.jobs.precision import GateFailed, export_precision, tower_runner  # 
 from hqclip.repo.layout import onnx_path  # noqa: E402
 from hqclip.repo.manifest import load_manifest  # noqa: E402
 from hqclip.repo.preprocess import ImagePreprocessor  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
+from testkit.processes import free_port  # noqa: E402
 
 BUILD = ROOT / "build" / "peers"
 REPO = BUILD / "model_repo"

@@ -19,7 +19,6 @@ import base64
 import json
 import os
 import platform
-import subprocess
 import sys
 import threading
 import time
@@ -39,8 +38,8 @@ from hqclip.repo.preprocess import ImagePreprocessor  # noqa: E402
 from hqclip.repo.tokenizer import load_tokenizer, trim_padding  # noqa: E402
 from services.backends.onnxruntime import session_options  # noqa: E402
 from services.settings import Settings  # noqa: E402
-from tests.conftest import free_port, wait_until_healthy  # noqa: E402
-from tests.photos import PHOTO_NAMES, jpeg  # noqa: E402
+from testkit import gateway as gateways  # noqa: E402
+from testkit.photos import PHOTO_NAMES, jpeg  # noqa: E402
 
 TEXTS = ["a photo of a cat sitting on a sofa", "two astronauts on the moon", "a cup of coffee with latte art",
          "a red rocket on the launch pad", "galaxies in the deep sky", "stained cells under a microscope"]
@@ -117,17 +116,10 @@ def main() -> None:
         sessions[manifest.text.model].run(None, {manifest.text.input: ids})
         return len(ids)
 
-    port = free_port()
-    env = {**os.environ, "HQCLIP_MODEL_REPO": str(args.repo), "HQCLIP_PORT": str(port), "HQCLIP_LOG_LEVEL": "warning",
-           **({"HQCLIP_MODEL": args.model} if args.model else {})}
-    log = ROOT / "build" / "gateway_bench.log"
-    log.parent.mkdir(exist_ok=True)
-    with open(log, "wb") as out:
-        server = subprocess.Popen([sys.executable, "-m", "hqclip.cli", "serve"], env=env, cwd=ROOT,
-                                  stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    server = gateways.start(args.repo.resolve(), ROOT / "build" / "gateway_bench", "/ready",
+                            **({"HQCLIP_MODEL": args.model} if args.model else {}))
+    url = server.url
     try:
-        wait_until_healthy(url, server, log, "/ready")
         image_body = {"model": manifest.name, "modality": "image",
                       "input": [base64.b64encode(d).decode() for d in image_batch]}
         text_body = {"model": manifest.name, "input": text_batch}
@@ -147,8 +139,7 @@ def main() -> None:
                 rate_a, rate_b = float(np.mean(a)), float(np.mean(b))
                 rows.append((modality, concurrency, rate_a, rate_b, rate_b / rate_a))
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        server.stop()
 
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                f"Python {platform.python_version()}")

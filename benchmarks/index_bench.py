@@ -30,7 +30,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep instead of spinning on shared cores
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,7 +47,8 @@ from benchmarks.results import record  # noqa: E402
 from services.index.store import Collection, Item  # noqa: E402
 from services.index.vectors import IndexSpec  # noqa: E402
 from services.settings import IndexParams  # noqa: E402
-from tests.conftest import free_port, wait_until_healthy  # noqa: E402
+from testkit import gateway as gateways  # noqa: E402
+from testkit.tiny import export_tiny_repo, write_tiny_checkpoint  # noqa: E402
 
 DIM = 512
 K = 10
@@ -112,28 +112,11 @@ def bench_kind(kind: str, n: int, queries: np.ndarray, truth: np.ndarray | None,
     return rows, collection, found
 
 
-def start_gateway(repo: Path, folder: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "HQCLIP_MODEL_REPO": str(repo), "HQCLIP_INDEX__DIR": str(folder), "HQCLIP_PORT": str(port),
-           "HQCLIP_LOG_LEVEL": "warning"}
-    with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "hqclip.cli", "serve"], cwd=ROOT, env=env, stdout=out,
-                                   stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    wait_until_healthy(url, process, log)
-    return process, url
-
-
 def model_repo(given: Path | None, work: Path) -> Path:
     """The given model repository, or the tiny test model exported into ``work`` (needs the train extra)."""
     if given is not None:
         return given
-    from tests.tiny import write_tiny_checkpoint
-    from training.export import export_checkpoint
-
-    repo = work / "repo"
-    export_checkpoint(str(write_tiny_checkpoint(work / "tiny")), out=repo, name="tiny")
-    return repo
+    return export_tiny_repo(write_tiny_checkpoint(work / "tiny"), work / "repo")
 
 
 def http_vs_direct(folder: Path, direct: dict[str, Collection], repo: Path | None, rounds: int) -> list[dict]:
@@ -145,7 +128,8 @@ def http_vs_direct(folder: Path, direct: dict[str, Collection], repo: Path | Non
     flat search streams the whole index through the caches, so a FAISS search here right before each HTTP request
     would hand the gateway caches this process had just flushed, which no real caller does."""
     queries = clustered(rounds, seed=3)
-    process, url = start_gateway(model_repo(repo, folder.parent), folder, folder.parent / "gateway.log")
+    gateway = gateways.start(model_repo(repo, folder.parent), folder.parent / "gateway", HQCLIP_INDEX__DIR=str(folder))
+    url = gateway.url
     headers = {"content-type": "application/json"}
     plain = http.client.HTTPConnection(urlsplit(url).hostname, urlsplit(url).port, timeout=60)
 
@@ -180,8 +164,7 @@ def http_vs_direct(folder: Path, direct: dict[str, Collection], repo: Path | Non
                 print(rows[-1], flush=True)
     finally:
         plain.close()
-        process.terminate()
-        process.wait(timeout=60)
+        gateway.stop()
     return rows
 
 

@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,9 +38,10 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.results import record  # noqa: E402
 from services.refine.prompt import DEFAULT_PROMPT, messages  # noqa: E402
 from services.refine.schema import RESPONSE_FORMAT  # noqa: E402
-from tests.conftest import free_port, wait_until_healthy  # noqa: E402
-from tests.photos import b64, jpeg  # noqa: E402
-from tests.servers.vllm import MODEL_NAME, VllmServer, ensure_setup  # noqa: E402
+from testkit import gateway as gateways  # noqa: E402
+from testkit.photos import b64, jpeg  # noqa: E402
+from testkit.tiny import export_tiny_repo, write_tiny_checkpoint  # noqa: E402
+from testkit.vllm import MODEL_NAME, VllmServer, ensure_setup  # noqa: E402
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 ALT = "a photo"
@@ -63,15 +63,6 @@ async def rate(seconds: float, concurrency: int, post) -> tuple[int, float]:
         started = time.perf_counter()
         await asyncio.gather(*(worker(i) for i in range(concurrency)))
         return done, time.perf_counter() - started
-
-
-def tiny_repo(folder: Path) -> Path:
-    """A tiny exported embedding model: the gateway needs one to start."""
-    from tests.tiny import write_tiny_checkpoint
-    from training.export import export_checkpoint
-
-    export_checkpoint(str(write_tiny_checkpoint(folder / "checkpoint")), out=folder / "repo", name="tiny")
-    return folder / "repo"
 
 
 def main() -> None:
@@ -99,21 +90,14 @@ def main() -> None:
         server = VllmServer(tmp / "vllm.log", cpus=vllm_cores)
         gateway = None
         try:
-            repo = tiny_repo(tmp)
+            repo = export_tiny_repo(write_tiny_checkpoint(tmp / "checkpoint"), tmp / "repo")  # the gateway needs one
             server.wait_ready()
-            port = free_port()
-            env = {**os.environ, "HQCLIP_MODEL_REPO": str(repo), "HQCLIP_PORT": str(port),
-                   "HQCLIP_LOG_LEVEL": "warning", "HQCLIP_REFINE__URLS": server.url,
-                   "HQCLIP_REFINE__TEMPERATURE": str(SAMPLING["temperature"]),
-                   "HQCLIP_REFINE__MAX_TOKENS": str(SAMPLING["max_tokens"]),
-                   "HQCLIP_REFINE__SEED": str(SAMPLING["seed"]),
-                   "HQCLIP_REFINE__CONCURRENCY": str(max(args.concurrency))}
-            log = tmp / "gateway.log"
-            with open(log, "wb") as out:
-                gateway = subprocess.Popen([sys.executable, "-m", "hqclip.cli", "serve"], cwd=ROOT, env=env,
-                                           stdout=out, stderr=subprocess.STDOUT)
-            url = f"http://127.0.0.1:{port}"
-            wait_until_healthy(url, gateway, log)
+            gateway = gateways.start(
+                repo, tmp / "gateway", HQCLIP_REFINE__URLS=server.url,
+                HQCLIP_REFINE__TEMPERATURE=str(SAMPLING["temperature"]),
+                HQCLIP_REFINE__MAX_TOKENS=str(SAMPLING["max_tokens"]), HQCLIP_REFINE__SEED=str(SAMPLING["seed"]),
+                HQCLIP_REFINE__CONCURRENCY=str(max(args.concurrency)))
+            url = gateway.url
 
             def direct(client, i):
                 return client.post(f"{server.url}/chat/completions", json=bodies[i])
@@ -135,8 +119,7 @@ def main() -> None:
                               "refinements/s", flush=True)
         finally:
             if gateway is not None:
-                gateway.terminate()
-                gateway.wait(timeout=30)
+                gateway.stop()
             server.stop()
 
     rows = ["| concurrency | direct to vLLM (refinements/s) | through /v1/refine (refinements/s) | ratio |",

@@ -27,7 +27,7 @@ from benchmarks.results import publish  # noqa: E402
 from benchmarks.text_length import rate  # noqa: E402
 from hqclip.jobs.precision import tower_runner  # noqa: E402
 from services.backends.openvino import compile_model  # noqa: E402
-from training.export import _export_onnx  # noqa: E402
+from training.export import export_onnx  # noqa: E402
 from training.models import load_model  # noqa: E402
 from training.onnx_towers import EMBEDDINGS_OUTPUT, IMAGE_INPUT, ImageTower  # noqa: E402
 
@@ -65,7 +65,7 @@ def main() -> None:
         paths[arm] = folder / f"{args.model}-{arm.replace(' ', '-')}.onnx"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _export_onnx(tower, torch.zeros(1, 3, height, width, dtype=torch.uint8), paths[arm], IMAGE_INPUT,
+            export_onnx(tower, torch.zeros(1, 3, height, width, dtype=torch.uint8), paths[arm], IMAGE_INPUT,
                          EMBEDDINGS_OUTPUT, 17)
     pixels = np.random.default_rng(0).integers(0, 256, (args.batch, 3, height, width), dtype=np.uint8)
     rows = []

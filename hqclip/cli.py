@@ -270,14 +270,56 @@ def demo_build(
     out: Path = typer.Option(Path("model_repo"), help="The model repository to export `demo` into."),
     work: Path = typer.Option(Path("build/demo"), help="Data, tower features (resumable steps)."),
     retrain: bool = typer.Option(False, help="Train the heads again instead of using training/demo/weights/."),
+    collection: bool = typer.Option(True, help="Seed the `demo` collection under HQCLIP_INDEX__DIR with the "
+                                    "held-out images, their captions and tags (kept when up to date)."),
     overrides: list[str] = typer.Argument(None, help="Training overrides (with --retrain), e.g. optim.steps=500"),
 ) -> None:
-    """Build the demo model: data -> tower features -> train heads (HQ-CLIP objective) -> export."""
+    """Build the demo model: data -> tower features -> train heads (HQ-CLIP objective) -> export; then the `demo`
+    collection of its held-out images, so the gateway has something to search on its first start."""
     with _needs("train", "demo build"):
-        from training.demo.build import build
+        from training.demo.build import build, build_data
+        from training.demo.data import shard_paths
+    with _needs("serve", "demo build"):
+        from hqclip.jobs.demo_collection import seed
+        from services.index.store import CollectionBusy
+        from services.settings import Settings
 
-    typer.echo(build(out=out, work=work, retrain=retrain, overrides=overrides or []))
+    steps = Steps(3 if collection else 1)
+    with steps("the model: heads, towers, export into " + str(out)):
+        manifest = build(out=out, work=work, retrain=retrain, overrides=overrides or [])
+    typer.echo(manifest)
+    if not collection:
+        return
+    with steps("the held-out images"):
+        data = build_data(work)
+    with steps("the `demo` collection"):
+        try:
+            seeded = seed(shard_paths(data, "heldout"), Settings(model_repo=out, model="demo"), work / "collection")
+        except CollectionBusy as exc:
+            typer.echo(f"error: {exc} (a gateway serves it): stop the gateway and run `hqclip demo build` again",
+                       err=True)
+            raise typer.Exit(1) from None
+    typer.echo(seeded)
 
+
+class Steps:
+    """Numbered steps on stderr, each with the time it took: ``with steps("what"): ...``."""
+
+    def __init__(self, total: int) -> None:
+        from rich.console import Console
+
+        self.total, self.done, self.console = total, 0, Console(stderr=True)
+
+    @contextmanager
+    def __call__(self, what: str) -> Iterator[None]:
+        import time
+
+        self.done += 1
+        self.console.print(f"[bold]demo build {self.done}/{self.total}[/bold] {what}")
+        started = time.monotonic()
+        yield
+        self.console.print(f"[bold]demo build {self.done}/{self.total}[/bold] done in "
+                           f"{time.monotonic() - started:.0f} s")
 
 
 index_app = typer.Typer(no_args_is_help=True, help="Retrieval collections (docs/retrieval.md).")

@@ -17,6 +17,7 @@ from services.engine import Engine
 from services.errors import install_error_handlers
 from services.index.manager import CollectionManager
 from services.metrics import Metrics
+from services.openapi import install as complete_openapi
 from services.refine.client import RefineClient
 from services.routes import classify, collections, embeddings, page, refine, system
 from services.settings import Settings
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (embeddings, classify, collections, refine, system):
         app.include_router(module.router)
     page.mount(app)
+    complete_openapi(app)
 
     app.add_middleware(AccessMiddleware, keys=settings.api_keys, metrics=metrics)
     return app

@@ -74,6 +74,11 @@ class IndexSettings(IndexParams):
     dir: Path = Field(Path("data/collections"), description="Folder of collections, one subfolder each.")
     snapshot_interval_s: float = Field(30.0, gt=0, description="How often changed collections are snapshotted.")
     gpu: bool = Field(True, description="Run indexes on a GPU when FAISS sees one (a faiss-gpu build).")
+    auto_tag_threshold: float = Field(
+        0.5, ge=0, le=1, description="Images stored without an LVLM get the model's own tags (its short-tag head) "
+        "at or above this probability (services/tagging.py).",
+    )
+    auto_tag_top_k: int = Field(5, ge=0, description="Most model tags per stored image; 0: none.")
 
 
 class RefineSettings(BaseModel):

@@ -4,74 +4,23 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
-import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import pytest
 
+from testkit import gateway as gateways
+from testkit.gateway import Gateway
+from testkit.tiny import export_tiny_repo
+
 pytest_plugins = ["tests.servers.vllm"]  # vllm_server(s): real vLLM servers for the refinement tests
-ROOT = Path(__file__).resolve().parents[1]
-STARTUP_TIMEOUT_S = 120
 TAG_VOCABULARY = ("cat", "astronaut", "coffee", "rocket", "sky", "grass", "red", "metal")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _tail(log: Path) -> str:
-    return log.read_bytes()[-4000:].decode("utf-8", errors="replace")
-
-
-def wait_until_healthy(url: str, process: subprocess.Popen, log: Path, path: str = "/health",
-                       timeout_s: float = STARTUP_TIMEOUT_S) -> None:
-    """Poll until the server answers (a readiness poll, not a sleep): fail with its log if it dies or hangs.
-    Stopping a server that hangs is the caller's (its fixture's teardown)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args} exited with {process.returncode}:\n{_tail(log)}")
-        try:
-            if httpx.get(url + path, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{process.args} not healthy after {timeout_s:g}s:\n{_tail(log)}")
-
-
-@dataclass
-class Gateway:
-    """A real `hqclip serve` process."""
-
-    url: str
-    process: subprocess.Popen
-    env: dict[str, str]
-    log: Path
-    stopped: bool = field(default=False)
-
-    def __str__(self) -> str:
-        return self.url
-
-    def stop(self) -> None:
-        """Graceful shutdown (SIGTERM), as an operator would."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.wait(timeout=30)
-        self.stopped = True
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown hooks run."""
-        self.process.kill()
-        self.process.wait(timeout=30)
-        self.stopped = True
+def pytest_configure(config):
+    """The user's HQCLIP_* variables (their gateway's index folder, URL, keys) never reach a test or what it starts,
+    modules that read the environment at import included: every test sees the defaults and sets what it means."""
+    for name in [k for k in os.environ if k.startswith("HQCLIP_")]:
+        del os.environ[name]
 
 
 @pytest.fixture(autouse=True)
@@ -96,7 +45,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from tests.tiny import write_tiny_checkpoint
+    from testkit.tiny import write_tiny_checkpoint
 
     folder = write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-checkpoint"))
     torch.manual_seed(0)
@@ -117,11 +66,7 @@ def tiny_model(tiny_checkpoint):
 @pytest.fixture(scope="session")
 def tiny_repo(tmp_path_factory, tiny_checkpoint) -> Path:
     """The tiny checkpoint, exported by `hqclip export` into a fresh model repository as model 'tiny'."""
-    from training.export import export_checkpoint
-
-    repo = tmp_path_factory.mktemp("model-repo")
-    export_checkpoint(str(tiny_checkpoint), out=repo, name="tiny")
-    return repo
+    return export_tiny_repo(tiny_checkpoint, tmp_path_factory.mktemp("model-repo"))
 
 
 @pytest.fixture(scope="session")
@@ -130,7 +75,7 @@ def tagged_repo(tmp_path_factory, tiny_checkpoint) -> Path:
     (the client tests and the web page need /v1/tags to answer)."""
     import torch
 
-    from tests.tiny import TINY_EMBED_DIM
+    from testkit.tiny import TINY_EMBED_DIM
     from training.export import export_model
     from training.models import load_model
     from training.tag_head import TagHead
@@ -146,21 +91,14 @@ def tagged_repo(tmp_path_factory, tiny_checkpoint) -> Path:
 
 @pytest.fixture(scope="session")
 def gateway_factory(tmp_path_factory, tiny_repo):
-    """``start(**env)`` -> Gateway: a real uvicorn gateway subprocess on a free port, HQCLIP_* env applied
-    (defaults: the tiny repository). Every gateway started is stopped at the end of the session."""
+    """``start(**env)`` -> Gateway: a real uvicorn gateway subprocess on a free port (testkit/gateway.py), HQCLIP_*
+    env applied (default: the tiny repository), in a temporary folder of its own with its own collections folder
+    unless HQCLIP_INDEX__DIR is given. Every gateway started is stopped at the end of the session."""
     started: list[Gateway] = []
 
     def start(**env: str) -> Gateway:
-        port = free_port()
-        full_env = {**os.environ, "HQCLIP_MODEL_REPO": str(tiny_repo), "HQCLIP_HOST": "127.0.0.1",
-                    "HQCLIP_PORT": str(port), "HQCLIP_LOG_LEVEL": "warning", **env}
-        log = tmp_path_factory.mktemp("gateway") / "gateway.log"
-        with open(log, "wb") as out:
-            process = subprocess.Popen([sys.executable, "-m", "hqclip.cli", "serve"], cwd=ROOT, env=full_env,
-                                       stdout=out, stderr=subprocess.STDOUT)
-        gateway = Gateway(f"http://127.0.0.1:{port}", process, full_env, log)
-        started.append(gateway)  # stopped at the end, also when it never becomes healthy
-        wait_until_healthy(gateway.url, process, log)
+        gateway = gateways.start(env.pop("HQCLIP_MODEL_REPO", tiny_repo), tmp_path_factory.mktemp("gateway"), **env)
+        started.append(gateway)
         return gateway
 
     yield start
@@ -170,18 +108,16 @@ def gateway_factory(tmp_path_factory, tiny_repo):
 
 
 @pytest.fixture(scope="session")
-def client_gateway(gateway_factory, tagged_repo, tmp_path_factory) -> Gateway:
-    """A gateway on the tagged model with API keys and its own collections folder (SDK, CLI and web page tests)."""
-    return gateway_factory(HQCLIP_MODEL_REPO=str(tagged_repo), HQCLIP_API_KEYS="client-key-1,client-key-2",
-                           HQCLIP_INDEX__DIR=str(tmp_path_factory.mktemp("client-collections")))
+def client_gateway(gateway_factory, tagged_repo) -> Gateway:
+    """A gateway on the tagged model with API keys (SDK, CLI and web page tests)."""
+    return gateway_factory(HQCLIP_MODEL_REPO=str(tagged_repo), HQCLIP_API_KEYS="client-key-1,client-key-2")
 
 
 @pytest.fixture(scope="session")
-def lvlm_gateway(gateway_factory, tagged_repo, vllm_server, tmp_path_factory) -> Gateway:
+def lvlm_gateway(gateway_factory, tagged_repo, vllm_server) -> Gateway:
     """A gateway on the tagged model refining through the tiny vLLM server (no API keys)."""
     return gateway_factory(HQCLIP_MODEL_REPO=str(tagged_repo), HQCLIP_REFINE__URLS=vllm_server.url,
-                           HQCLIP_REFINE__TEMPERATURE="1.0",  # the tiny model ends its answers when sampled
-                           HQCLIP_INDEX__DIR=str(tmp_path_factory.mktemp("lvlm-collections")))
+                           HQCLIP_REFINE__TEMPERATURE="1.0")  # the tiny model ends its answers when sampled
 
 
 @pytest.fixture(scope="session")

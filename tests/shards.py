@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 from webdataset import TarWriter
 
-from tests.photos import encode, photo
+from testkit.photos import encode, photo
 
 # photo -> (alt text, clauses of the long description, tags, the negative edit of each)
 SUBJECTS = {

@@ -34,9 +34,9 @@ from hqclip_client import (
 )
 from hqclip_client.api import chunks, shift_index
 from hqclip_client.images import png
-from tests.conftest import free_port
-from tests.photos import b64, encode, jpeg, photo
-from tests.servers.vllm import MODEL_NAME
+from testkit.photos import b64, encode, jpeg, photo
+from testkit.processes import free_port
+from testkit.vllm import MODEL_NAME
 
 LABELS = ["cat", "astronaut", "coffee cup", "rocket"]
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")
@@ -218,7 +218,7 @@ def test_collections_add_search_delete(client):
 
     by_image = client.search(name, image=jpeg(PHOTOS[1]), top_k=3)
     assert by_image.results[0].id == PHOTOS[1] and by_image.results[0].score > 0.99
-    assert by_image.results[0].caption == f"the {PHOTOS[1]} photo" and by_image.results[0].attributes == {"n": 1}
+    assert by_image.results[0].caption == f"the {PHOTOS[1]} photo" and by_image.results[0].attributes["n"] == 1
     assert client.search(name, vector=vector, top_k=1).results[0].id == "vec"
     assert client.search(name, "a cat sleeping on a sofa", top_k=1).results[0].id == "note"
     filtered = client.search(name, "a photo", top_k=10, tags=["photo"], attributes={"n": 2})

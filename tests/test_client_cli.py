@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from hqclip_client import Client, NotFoundError
-from tests.photos import encode, jpeg, photo, write_jpegs
+from testkit.photos import encode, jpeg, photo, write_jpegs
 
 pytestmark = pytest.mark.slow
 

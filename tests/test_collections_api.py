@@ -7,7 +7,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.photos import b64, data_uri, jpeg
+from testkit.photos import b64, data_uri, jpeg
 
 pytestmark = pytest.mark.slow
 
@@ -219,7 +219,7 @@ def test_graceful_restart_keeps_everything(gateway_factory, tmp_path, dim):
 
 
 def test_refine_on_ingest_stores_the_lvlm_tags_and_descriptions(gateway_factory, vllm_server, tmp_path):
-    from tests.servers.vllm import MODEL_NAME
+    from testkit.vllm import MODEL_NAME
 
     gw = gateway_factory(HQCLIP_REFINE__URLS=vllm_server.url, HQCLIP_INDEX__DIR=str(tmp_path / "collections"),
                          HQCLIP_REFINE__TEMPERATURE="1.0")  # the tiny model ends its answers when sampled

@@ -12,7 +12,7 @@ import torch
 from webdataset import TarWriter
 
 from hqclip.jobs.join import join_annotations
-from tests.photos import encode, photo
+from testkit.photos import encode, photo
 from tests.shards import SUBJECTS, annotation, crop, jpeg, write_shards
 from training.data import (
     SkipCounter,

@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from hqclip.repo.layout import onnx_path
-from tests.photos import photo
+from testkit.photos import photo
+from testkit.vectors import cosines
 from training.demo.annotate import COLOURS, STYLES, Item, RuleAnnotator, dominant_colour, parse_subject
 
 CAT_CLASSES = {"tabby cat", "tiger cat", "Persian cat", "Siamese cat", "Egyptian Mau"}
@@ -311,10 +312,6 @@ def test_train_heads_learns_and_is_seeded(demo_model, small_shard):
 # --- the export ----------------------------------------------------------------------------------------------
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
-
-
 @pytest.mark.slow
 def test_exported_demo_model_matches_torch(tmp_path):
     """Export the committed heads; the manifest validates and ONNX equals torch on real photos and texts."""
@@ -323,7 +320,7 @@ def test_exported_demo_model_matches_torch(tmp_path):
     from hqclip.repo.manifest import load_manifest
     from hqclip.repo.preprocess import ImagePreprocessor
     from hqclip.repo.tokenizer import load_tokenizer
-    from tests.photos import jpeg
+    from testkit.photos import jpeg
     from training.demo.build import assemble, export
     from training.demo.model import tokenizer
     from training.onnx_towers import ImageTower, TagTower, TextTower
@@ -343,7 +340,7 @@ def test_exported_demo_model_matches_torch(tmp_path):
     image_onnx = session(manifest.image).run(None, {manifest.image.input: pixels})[0]
     with torch.no_grad():
         image_torch = ImageTower(model, manifest.image.mean, manifest.image.std)(torch.from_numpy(pixels)).numpy()
-    assert _cosine(image_onnx, image_torch).min() >= 0.9999
+    assert cosines(image_onnx, image_torch).min() >= 0.9999
 
     texts = ["A yak.", "a cat", "two red apples &amp; a   pear", "an emoji of a grinning face", ""]
     ids, truncated = load_tokenizer(manifest.text.tokenizer, repo)(texts)
@@ -351,7 +348,7 @@ def test_exported_demo_model_matches_torch(tmp_path):
     text_onnx = session(manifest.text).run(None, {manifest.text.input: ids})[0]
     with torch.no_grad():
         text_torch = TextTower(model)(torch.from_numpy(ids)).numpy()
-    assert _cosine(text_onnx, text_torch).min() >= 0.9999
+    assert cosines(text_onnx, text_torch).min() >= 0.9999
 
     tags_onnx = session(manifest.tags).run(None, {manifest.tags.input: image_onnx})[0]
     with torch.no_grad():

@@ -26,7 +26,8 @@ from hqclip.repo.layout import onnx_path
 from hqclip.repo.manifest import load_manifest, sha256_file
 from hqclip.repo.preprocess import ImagePreprocessor
 from hqclip.repo.tokenizer import load_tokenizer, trim_padding
-from tests.tiny import write_tiny_checkpoint
+from testkit.tiny import write_tiny_checkpoint
+from testkit.vectors import cosines
 from training.export import export_checkpoint, export_model
 from training.models import load_model
 
@@ -63,10 +64,6 @@ def photo_batch(size: int) -> list[bytes]:
 
 def caption_batch(size: int) -> list[str]:
     return [f"{CAPTIONS[i % len(CAPTIONS)]} (number {i})" if i >= len(CAPTIONS) else CAPTIONS[i] for i in range(size)]
-
-
-def rowwise_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
 @dataclass
@@ -125,7 +122,7 @@ def test_image_tower_matches_open_clip_on_real_photos(exported, batch):
     got, want = exported.onnx_images(images), exported.torch_images(images)
     assert got.shape == (batch, 64) and got.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(got, axis=-1), 1, atol=1e-5)
-    assert rowwise_cosine(got, want).min() >= 0.9999
+    assert cosines(got, want).min() >= 0.9999
 
 
 def test_a_vit_runs_its_last_block_for_the_class_token_only(exported):
@@ -158,7 +155,7 @@ def test_text_tower_matches_open_clip(exported, batch):
     got, want = exported.onnx_texts(texts), exported.torch_texts(texts)
     assert got.shape == (batch, 64) and got.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(got, axis=-1), 1, atol=1e-5)
-    assert rowwise_cosine(got, want).min() >= 0.9999
+    assert cosines(got, want).min() >= 0.9999
 
 
 def test_text_tower_takes_ids_cut_after_the_longest_text(exported):
@@ -171,7 +168,7 @@ def test_text_tower_takes_ids_cut_after_the_longest_text(exported):
     want = exported.torch_texts(texts)  # open_clip, at the full context length
     for cut in (longest, trim_padding(ids, manifest.text.tokenizer.pad_id).shape[1]):
         assert cut < manifest.text.tokenizer.context_length
-        assert rowwise_cosine(exported.onnx_texts(texts, cut), want).min() >= 0.9999
+        assert cosines(exported.onnx_texts(texts, cut), want).min() >= 0.9999
 
 
 @pytest.mark.parametrize("batch", [1, 7, 32])
@@ -206,11 +203,11 @@ def test_odd_images_embed_like_their_plain_rgb_equivalents(exported):
     }
     odd = exported.onnx_images([case[0] for case in cases.values()])
     plain = exported.onnx_images([case[1] for case in cases.values()])
-    cosine = dict(zip(cases, rowwise_cosine(odd, plain)))
+    cosine = dict(zip(cases, cosines(odd, plain)))
     assert all(cosine[name] >= cases[name][2] for name in cases), cosine
     # the stored (sideways) pixels embed differently, so the EXIF check above can fail
     sideways = exported.onnx_images([jpeg(stored)])
-    assert rowwise_cosine(sideways, plain[3:4])[0] < cosine["exif-rotated"] - 1e-3
+    assert cosines(sideways, plain[3:4])[0] < cosine["exif-rotated"] - 1e-3
     tiny = exported.onnx_images([jpeg(Image.new("RGB", (1, 1), (200, 30, 40)))])
     assert np.isfinite(tiny).all() and abs(np.linalg.norm(tiny) - 1) < 1e-5
 
@@ -281,8 +278,8 @@ def test_weights_in_a_checkpoint_folder_are_exported(tmp_path):
     assert manifest.logit_scale == pytest.approx(50.0, rel=1e-5)
     exported = Exported(tmp_path / "repo", checkpoint, trained, None, load_model(str(checkpoint)).preprocess_cfg)
     images, texts = photo_batch(3), caption_batch(3)
-    assert rowwise_cosine(exported.onnx_images(images), exported.torch_images(images)).min() >= 0.9999
-    assert rowwise_cosine(exported.onnx_texts(texts), exported.torch_texts(texts)).min() >= 0.9999
+    assert cosines(exported.onnx_images(images), exported.torch_images(images)).min() >= 0.9999
+    assert cosines(exported.onnx_texts(texts), exported.torch_texts(texts)).min() >= 0.9999
 
 
 def test_model_name_with_pretrained_file(tmp_path):
@@ -300,7 +297,7 @@ def test_model_name_with_pretrained_file(tmp_path):
     assert manifest.architecture == "tiny-registered" and manifest.weights == str(tmp_path / "weights.bin")
     exported = Exported(tmp_path / "repo", checkpoint, trained, None, load_model("tiny-registered").preprocess_cfg)
     texts = caption_batch(4)
-    assert rowwise_cosine(exported.onnx_texts(texts), exported.torch_texts(texts)).min() >= 0.9999
+    assert cosines(exported.onnx_texts(texts), exported.torch_texts(texts)).min() >= 0.9999
 
 
 def test_a_max_batch_of_one_still_exports_dynamic_axes(tmp_path):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.photos import b64, jpeg, photo
+from testkit.photos import b64, jpeg, photo
 from tests.test_gateway_embeddings import torch_images, torch_texts
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from tests.photos import b64, data_uri, exif_rotated_jpeg, jpeg, odd_images, photo
+from testkit.photos import b64, data_uri, exif_rotated_jpeg, jpeg, odd_images, photo
+from testkit.vectors import cosines
 
 pytestmark = pytest.mark.slow
 
@@ -30,11 +31,6 @@ def torch_images(tiny_model, images):
     with torch.no_grad():
         batch = torch.stack([preprocess(image) for image in images])
         return torch.nn.functional.normalize(model.encode_image(batch), dim=-1).numpy()
-
-
-def cosines(a, b):
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
 def test_openai_client_texts_match_open_clip(gateway, tiny_model):

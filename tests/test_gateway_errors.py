@@ -6,7 +6,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.photos import b64, encode, jpeg
+from testkit.photos import b64, encode, jpeg
 
 pytestmark = pytest.mark.slow
 

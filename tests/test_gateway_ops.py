@@ -8,7 +8,7 @@ import re
 import httpx
 import pytest
 
-from tests.photos import b64, jpeg
+from testkit.photos import b64, jpeg
 
 pytestmark = pytest.mark.slow
 

@@ -11,8 +11,8 @@ import sys
 import httpx
 import pytest
 
-from tests.conftest import ROOT
-from tests.photos import b64, encode, jpeg, photo
+from testkit.photos import b64, encode, jpeg, photo
+from testkit.processes import ROOT
 from tests.shards import write_shards
 
 pytestmark = pytest.mark.slow

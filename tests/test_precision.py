@@ -15,16 +15,12 @@ from hqclip.jobs.precision import MIN_COSINE, GateFailed, export_precision
 from hqclip.repo.layout import onnx_path
 from hqclip.repo.manifest import load_manifest
 from hqclip.repo.preprocess import ImagePreprocessor
-from tests.conftest import ROOT
-from tests.photos import b64, jpeg
+from testkit.photos import b64, jpeg
+from testkit.processes import ROOT
+from testkit.vectors import cosines
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "retina")
 TEXTS = ["a photo of a cat", "an astronaut in a white suit", "a cup of coffee", "a rocket on its launch pad"]
-
-
-def cosines(a, b):
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
 def snapshot(repo):

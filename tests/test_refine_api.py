@@ -11,9 +11,9 @@ import pytest
 
 from services.refine.client import RefineClient, RefineFailed
 from services.refine.schema import JSON_SCHEMA
-from tests.conftest import free_port
-from tests.photos import b64, data_uri, encode, jpeg, photo
-from tests.servers.vllm import MODEL_NAME
+from testkit.photos import b64, data_uri, encode, jpeg, photo
+from testkit.processes import free_port
+from testkit.vllm import MODEL_NAME
 
 pytestmark = pytest.mark.slow
 

@@ -23,8 +23,8 @@ import pytest
 
 from hqclip.jobs.refine import Shard, my_shards
 from services.refine.schema import JSON_SCHEMA
-from tests.conftest import ROOT
-from tests.photos import encode
+from testkit.photos import encode
+from testkit.processes import ROOT
 from tests.shards import SUBJECTS, crop, jpeg, photo
 
 SHARDS, PER_SHARD = 3, 6

@@ -17,7 +17,7 @@ from services.refine.schema import (
     normalise,
     parse,
 )
-from tests.photos import encode, jpeg, photo
+from testkit.photos import encode, jpeg, photo
 
 ANSWER = {
     "desc": ["  a tabby cat lying on a sofa ", "\"looking to the left\"", "a tabby cat lying on a sofa", ""],

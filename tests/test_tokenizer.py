@@ -13,7 +13,7 @@ from open_clip.tokenizer import HFTokenizer, SimpleTokenizer, default_bpe
 
 from hqclip.repo.manifest import TokenizerSpec
 from hqclip.repo.tokenizer import TRIM_MULTIPLE, ClipBpeTokenizer, clean_text, load_tokenizer, trim_padding
-from tests.tiny import write_tiny_checkpoint
+from testkit.tiny import write_tiny_checkpoint
 from training.models import tokenizer_info
 
 CORPUS = [

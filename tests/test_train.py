@@ -69,7 +69,7 @@ def test_texts_are_split_by_length_only_when_it_saves_padding():
 
 def test_frozen_timm_tower_keeps_batch_norm_and_activations(tmp_path):
     """Frozen BN by eval mode: running stats stay, outputs equal the tower in eval mode, ReLU6 kept."""
-    from tests.tiny import write_tiny_checkpoint
+    from testkit.tiny import write_tiny_checkpoint
 
     bundle = load_bundle(str(write_tiny_checkpoint(tmp_path, image_tower="timm")))
     model = bundle.model
@@ -253,7 +253,7 @@ def test_torchrun_train_then_eval_commands(tiny_checkpoint, shards, tmp_path):
 
 
 def test_eval_on_a_folder_of_labelled_images(tiny_checkpoint, tmp_path):
-    from tests.photos import photo
+    from testkit.photos import photo
     from training.evaluate import run
 
     for name in ("astronaut", "coffee", "chelsea"):

@@ -9,7 +9,8 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.photos import b64, jpeg
+from testkit.photos import b64, jpeg
+from testkit.vectors import cosines
 from tests.servers.triton import TritonServer, triton_factory  # noqa: F401 (a fixture)
 from tests.test_triton_config import TAGS, export_tagged
 
@@ -48,11 +49,6 @@ def post(url: str, path: str, **kwargs) -> dict:
     response = httpx.post(url + path, timeout=60, **kwargs)
     assert response.status_code == 200, response.text
     return response.json()
-
-
-def cosines(a, b) -> np.ndarray:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
 def vectors(body: dict) -> np.ndarray:

@@ -18,7 +18,7 @@ from tritonclient.grpc import model_config_pb2
 
 from hqclip.repo.manifest import load_manifest
 from hqclip.repo.triton_config import PLAN_SCRIPT, Tensor, TritonOptions, triton_config
-from tests.tiny import TINY_EMBED_DIM
+from testkit.tiny import TINY_EMBED_DIM
 
 TAGS = ["cat", "dog", "astronaut", "coffee", "rocket", "snow", "night", "red"]
 MAX_BATCH = 32

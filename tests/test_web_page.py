@@ -15,7 +15,7 @@ from playwright.async_api import async_playwright, expect
 
 from hqclip_client import Client, Item
 from hqclip_client.ingest import thumbnail
-from tests.photos import jpeg, write_jpegs
+from testkit.photos import jpeg, write_jpegs
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="session")]
 
@@ -24,6 +24,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--disable-sync"]
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 COLLECTION = "web-photos"
+TAGGED = "web-tagged"  # items with tags of their own (and the model's): the page shows them and filters by one
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,14 @@ def sdk(client_gateway):
         client.add(COLLECTION, [Item(id=f"{n}.jpg", image=jpeg(n), caption=f"a photo: {n}",
                                      attributes={"thumbnail": thumbnail(jpeg(n))}) for n in PHOTOS])
         yield client
+
+
+@pytest.fixture(scope="module")
+def tagged(sdk):
+    sdk.create_collection(TAGGED)
+    sdk.add(TAGGED, [Item(id=n, image=jpeg(n), tags=["space" if n in ("astronaut", "rocket") else "earth", n],
+                          attributes={"thumbnail": thumbnail(jpeg(n))}) for n in PHOTOS])
+    return TAGGED
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +96,22 @@ async def test_a_typed_query_shows_thumbnails_and_scores(page, sdk):
     for image in await hits.locator("img").all():
         assert (await image.get_attribute("src")).startswith("data:image/jpeg;base64,")
         assert await image.evaluate("img => img.complete && img.naturalWidth > 0"), "the thumbnail decodes"
+
+
+async def test_hits_show_their_tags_and_a_click_on_one_filters_by_it(tagged, page, sdk):
+    await page.select_option("#collection", tagged)
+    await page.fill("#query", "a photo")
+    await page.click("#search-button")
+    hits = page.locator("#results .hit")
+    await expect(hits).to_have_count(len(PHOTOS))
+    expected = sdk.search(tagged, "a photo", top_k=len(PHOTOS)).results
+    assert [await hit.locator(".chip").all_inner_texts() for hit in await hits.all()] == [h.tags for h in expected]
+    rocket = hits.filter(has=page.locator(".id", has_text="rocket"))
+    await rocket.get_by_role("button", name="space", exact=True).click()
+    await expect(page.locator("#search-status")).to_contain_text("tagged “space”")
+    await expect(hits).to_have_count(2)
+    assert sorted(await hits.locator(".id").all_inner_texts()) == ["astronaut", "rocket"]
+    assert await page.input_value("#tag-filter") == "space"
 
 
 async def test_an_uploaded_image_finds_itself(page, files):

@@ -65,7 +65,7 @@ def _mha_fastpath_disabled():
         torch.backends.mha.set_fastpath_enabled(enabled)
 
 
-def _export_onnx(module: nn.Module, example: torch.Tensor, path: Path, input_name: str, output_name: str,
+def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, input_name: str, output_name: str,
                  opset: int, any_length: bool = False) -> tuple[int, ...]:
     """Trace ``module`` on ``example`` into ``path`` with a dynamic batch axis; the output's item shape.
 
@@ -190,7 +190,7 @@ def export_model(
         texts = [tokenizer([CHECK_TEXTS[i % len(CHECK_TEXTS)] for i in range(b)])[0] for b in batches]
         text_tower = TextTower(model)
         example = tokenizer(CHECK_TEXTS[:2])[0]  # torch.export fixes an axis it sees at size 1: trace at batch 2
-        _export_onnx(text_tower, torch.from_numpy(example), layout.onnx_path(stage, text_dir.name), TEXT_INPUT,
+        export_onnx(text_tower, torch.from_numpy(example), layout.onnx_path(stage, text_dir.name), TEXT_INPUT,
                      EMBEDDINGS_OUTPUT, opset, text_tower.any_length)
         if text_tower.any_length:  # and at the lengths the services cut batches to
             texts += [trim_padding(ids, tokenizer_spec.pad_id) for ids in texts]
@@ -202,7 +202,7 @@ def export_model(
         rng = np.random.default_rng(0)
         pixels = [rng.integers(0, 256, (b, 3, height, width), dtype=np.uint8) for b in batches]
         image_tower = ImageTower(model, image_spec.mean, image_spec.std)
-        (embed_dim,) = _export_onnx(image_tower, torch.from_numpy(pixels[0]), layout.onnx_path(stage, image_dir.name),
+        (embed_dim,) = export_onnx(image_tower, torch.from_numpy(pixels[0]), layout.onnx_path(stage, image_dir.name),
                                     IMAGE_INPUT, EMBEDDINGS_OUTPUT, opset)
         _check_parity(image_tower, layout.onnx_path(stage, image_dir.name), pixels, "image tower")
         embedding = Tensor(EMBEDDINGS_OUTPUT, np.float32, (embed_dim,))
@@ -218,7 +218,7 @@ def export_model(
             tags_dir = stage / layout.tags_model(name)
             tag_tower = TagTower(tag_head.eval())
             embeddings = [rng.standard_normal((b, embed_dim), dtype=np.float32) for b in batches]
-            _export_onnx(tag_tower, torch.from_numpy(embeddings[0]), layout.onnx_path(stage, tags_dir.name),
+            export_onnx(tag_tower, torch.from_numpy(embeddings[0]), layout.onnx_path(stage, tags_dir.name),
                          TAGS_INPUT, TAGS_OUTPUT, opset)
             _check_parity(tag_tower, layout.onnx_path(stage, tags_dir.name), embeddings, "tag head")
             write_triton_config(tags_dir, tags_dir.name, [Tensor(TAGS_INPUT, np.float32, (embed_dim,))],

@@ -22,6 +22,7 @@ from services.index.manager import CollectionExists, CollectionManager, Collecti
 from services.index.store import Collection, Filters, Hit, Item
 from services.payloads import check_count, decode_image, engine_of, read_uploads
 from services.settings import IndexParams
+from services.tagging import add_model_tags
 
 router = APIRouter(tags=["collections"])
 
@@ -253,6 +254,8 @@ async def _store(request: Request, collection: Collection, items: list[Item], te
             vectors.update(zip(images, embedded))
 
     await asyncio.gather(run_texts(), run_images(), _refine(request, images, items, refine))
+    if refine is False or getattr(request.app.state, "refiner", None) is None:  # no LVLM tags: the model's own
+        await add_model_tags(engine, engine.settings.index, items, {i: vectors[i] for i in images})
     matrix = np.stack([vectors[i] for i in range(len(items))])
     try:
         await run_in_threadpool(collection.upsert, items, matrix)

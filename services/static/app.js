@@ -91,10 +91,14 @@ function renderHits(hits) {
     const src = thumbnailOf(hit);
     const thumb = element("div", { className: "thumb" },
       [src ? element("img", { src, alt: hit.caption || hit.id, loading: "lazy" }) : "no image"]);
+    const tags = element("div", { className: "chips" }, hit.tags.map((tag) =>
+      element("button", { type: "button", className: "chip", textContent: tag, title: `only items tagged ${tag}`,
+                          onclick: () => filterByTag(tag) })));
     const meta = element("div", { className: "meta" }, [
       element("div", { className: "score", textContent: hit.score.toFixed(3) }),
       element("div", { className: "id", textContent: hit.id }),
-      element("div", { className: "muted", textContent: hit.caption || hit.tags.join(", ") }),
+      element("div", { className: "muted", textContent: hit.caption || "" }),
+      tags,
     ]);
     return element("div", { className: "hit", title: hit.uri || hit.id }, [thumb, meta]);
   }));
@@ -106,6 +110,8 @@ async function search(event) {
     const collection = $("collection").value;
     if (!collection) throw new Error("pick a collection first");
     const body = { top_k: Number($("top-k").value) || 12 };
+    const tag = $("tag-filter").value.trim();
+    if (tag) body.filters = { tags: [tag] };
     const file = $("query-image").files[0];
     const text = $("query").value.trim();
     if (file) body.image = await readAsDataUri(file);
@@ -113,9 +119,14 @@ async function search(event) {
     else throw new Error("type a query or choose an image");
     const result = await api(`v1/collections/${encodeURIComponent(collection)}/search`, body);
     $("search-status").textContent = `${result.results.length} results in ${collection}` +
-      (file ? ` for ${file.name}` : ` for “${text}”`);
+      (file ? ` for ${file.name}` : ` for “${text}”`) + (tag ? ` tagged “${tag}”` : "");
     renderHits(result.results);
   });
+}
+
+function filterByTag(tag) {
+  $("tag-filter").value = tag;
+  $("search-form").requestSubmit();
 }
 
 // --- classify, tags, refine ---

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from hqclip.repo.manifest import load_manifest
-from tests.conftest import STARTUP_TIMEOUT_S, free_port
+from testkit.processes import STARTUP_TIMEOUT_S, die_with_parent, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 TRITON_PYTHON = ROOT / "build" / "venvs" / "triton" / "bin" / "python"
@@ -71,7 +71,7 @@ class TritonServer:
                    "--http-port", str(self.http_port), "--metrics-port", str(self.metrics_port)]
         with open(self.log, "ab") as out:
             self.process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+                                            start_new_session=True, preexec_fn=die_with_parent)
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while not self.ready():  # polls Triton's own readiness endpoints
             if self.process.poll() is not None or time.monotonic() > deadline:

@@ -1,4 +1,4 @@
-"""Tiny open_clip checkpoints for tests: an ``open_clip_config.json`` and no weights (= random init).
+"""Tiny open_clip checkpoints for tests and benchmarks: an ``open_clip_config.json`` and no weights (= random init).
 
 The folder has the layout of a released checkpoint (``hf-hub:zhixiangwei/vlm150m-hqclip-large-vitb16`` minus the
 weights file), so ``hqclip export <dir>`` runs the same code path as for real weights, in about a second.
@@ -59,3 +59,26 @@ def write_tiny_checkpoint(
     }
     (directory / "open_clip_config.json").write_text(json.dumps(config, indent=2))
     return directory
+
+
+def write_seeded_checkpoint(directory: Path, seed: int = 0) -> Path:
+    """:func:`write_tiny_checkpoint` (CLIP text, ViT) with seeded random weights saved in it
+    (``open_clip_model.safetensors``), so every load of it, an export's and a torch reference's, has the same
+    weights; returns ``directory``."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    folder = write_tiny_checkpoint(directory)
+    torch.manual_seed(seed)
+    model = open_clip.create_model(f"local-dir:{folder}")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    return folder
+
+
+def export_tiny_repo(checkpoint: Path, repo: Path, name: str = "tiny") -> Path:
+    """``hqclip export`` of a tiny checkpoint folder into the model repository ``repo`` as ``name``; ``repo``."""
+    from training.export import export_checkpoint
+
+    export_checkpoint(str(checkpoint), out=repo, name=name)
+    return repo
