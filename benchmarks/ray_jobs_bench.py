@@ -67,8 +67,8 @@ def steady(samples: list[tuple[float, float, float]]) -> tuple[float, float]:
 
 def bench_embed(work: Path, rounds: int, shards: int, per_shard: int) -> list[str]:
     from services.settings import Settings
-    from tests.shards import write_shards
-    from tests.tiny import write_tiny_checkpoint
+    from testkit.shards import write_shards
+    from testkit.tiny import write_tiny_checkpoint
     from training.export import export_checkpoint
 
     export_checkpoint(str(write_tiny_checkpoint(work / "checkpoint")), out=work / "repo", name="tiny")
@@ -93,8 +93,8 @@ def bench_embed(work: Path, rounds: int, shards: int, per_shard: int) -> list[st
 def bench_refine(work: Path, rounds: int, shards: int, per_shard: int, concurrency: int,
                  vllm_cores: set[int] | None) -> list[str]:
     from services.settings import Settings
-    from tests.servers.vllm import VllmServer, ensure_setup
-    from tests.shards import write_shards
+    from testkit.shards import write_shards
+    from testkit.vllm import VllmServer, ensure_setup
 
     ensure_setup()
     write_shards(work / "refine-in", shards=shards, per_shard=per_shard)

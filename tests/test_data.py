@@ -13,7 +13,7 @@ from webdataset import TarWriter
 
 from hqclip.jobs.join import join_annotations
 from testkit.photos import encode, photo
-from tests.shards import SUBJECTS, annotation, crop, jpeg, write_shards
+from testkit.shards import SUBJECTS, annotation, crop, jpeg, write_shards
 from training.data import (
     SkipCounter,
     StreamState,

@@ -12,7 +12,7 @@ import pytest
 from hqclip.jobs.demo_collection import MARKER, seed
 from services.index.store import Collection, CollectionBusy
 from services.settings import Settings
-from tests.shards import write_shards
+from testkit.shards import write_shards
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ import pytest
 
 from testkit.photos import b64, encode, jpeg, photo
 from testkit.processes import ROOT
-from tests.shards import write_shards
+from testkit.shards import write_shards
 
 pytestmark = pytest.mark.slow
 

@@ -16,8 +16,8 @@ import psutil
 import pytest
 
 from hqclip.jobs.embed import read_embeddings
-from tests.conftest import ROOT
-from tests.shards import write_shards
+from testkit.processes import ROOT
+from testkit.shards import write_shards
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import ROOT
+from testkit.processes import ROOT
 from tests.test_refine_job import BROKEN, SHARDS, read_output, refine_command, write_input
 
 pytestmark = pytest.mark.slow

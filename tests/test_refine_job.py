@@ -25,7 +25,7 @@ from hqclip.jobs.refine import Shard, my_shards
 from services.refine.schema import JSON_SCHEMA
 from testkit.photos import encode
 from testkit.processes import ROOT
-from tests.shards import SUBJECTS, crop, jpeg, photo
+from testkit.shards import SUBJECTS, crop, jpeg, photo
 
 SHARDS, PER_SHARD = 3, 6
 BROKEN = "000000008"  # its "jpg" is text: rejected for good, logged, left out, never retried

@@ -18,7 +18,7 @@ import yaml
 from hqclip.repo.layout import onnx_path
 from hqclip.repo.manifest import load_manifest
 from hqclip.repo.tokenizer import load_tokenizer
-from tests.shards import write_shards
+from testkit.shards import write_shards
 from training.checkpoint import load_trained
 from training.config import load_config
 from training.hqclip_model import HQCLIPModel, freeze_towers, load_bundle
