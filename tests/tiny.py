@@ -59,3 +59,17 @@ def write_tiny_checkpoint(
     }
     (directory / "open_clip_config.json").write_text(json.dumps(config, indent=2))
     return directory
+
+
+def save_seeded_weights(folder: Path, seed: int) -> Path:
+    """Save seeded random weights into a tiny checkpoint folder, so every load of it (an export, a torch reference)
+    has the same weights; a different seed is a different model of the same architecture. Returns ``folder``."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    model = open_clip.create_model(f"local-dir:{folder}")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    return folder
