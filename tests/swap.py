@@ -3,9 +3,13 @@ answered a request."""
 
 from __future__ import annotations
 
+import asyncio
 import io
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -56,3 +60,48 @@ def pair(body: dict, references: dict) -> str:
 
 
 MIXED = {"model": "tiny", "inputs": [{"text": TEXT}, {"image": b64(jpeg(IMAGE))}]}
+
+
+@dataclass
+class Load:
+    """``clients`` concurrent clients sending MIXED in a loop, each until it has had ``after`` answers to requests
+    started after ``swapped()``; what each answer came from is recorded, a failure stops them all."""
+
+    client: httpx.AsyncClient
+    references: dict
+    clients: int = 4
+    after: int = 3
+    answers: list[tuple[int, float, float, str]] = field(default_factory=list)  # (client, started, ended, model)
+    failures: list[str] = field(default_factory=list)
+    swapped_at: float | None = None
+    answered: asyncio.Event = field(default_factory=asyncio.Event)  # every client has had an answer
+
+    async def _run(self, client: int) -> None:
+        seen_after = 0
+        while seen_after < self.after and not self.failures:
+            started = time.monotonic()
+            response = await self.client.post("/v1/embed", json=MIXED)
+            if response.status_code != 200:
+                self.failures.append(response.text)
+                self.answered.set()
+                return
+            self.answers.append((client, started, time.monotonic(), pair(response.json(), self.references)))
+            if len({c for c, *_ in self.answers}) == self.clients:
+                self.answered.set()
+            seen_after += self.swapped_at is not None and started > self.swapped_at
+
+    def start(self) -> list[asyncio.Task]:
+        return [asyncio.create_task(self._run(i)) for i in range(self.clients)]
+
+    def swapped(self) -> None:
+        self.swapped_at = time.monotonic()
+
+    def check(self) -> None:
+        """No failure; only new answers to requests started after the swap; old ones before it; each client's
+        answers old, then new, never back."""
+        assert not self.failures, self.failures[:3]
+        assert all(model == "new" for _, started, _, model in self.answers if started > self.swapped_at)
+        assert any(model == "old" for *_, model in self.answers)
+        for client in range(self.clients):
+            models = [model for c, *_, model in self.answers if c == client]
+            assert models == sorted(models, key=["old", "new"].index), models

@@ -18,13 +18,12 @@ import httpx
 import pytest
 
 from hqclip.repo.manifest import load_manifest, sha256_file
-from tests.swap import MIXED, pair, references, retrained_checkpoint  # noqa: F401 (fixtures)
+from tests.swap import MIXED, Load, pair, references, retrained_checkpoint  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN = {"Authorization": "Bearer admin-key"}
-WORKERS, AFTER_SWAP = 4, 3  # load: concurrent clients; answers each must see after the reload returned
 WATCH_TIMEOUT_S = 60
 
 
@@ -54,39 +53,21 @@ async def test_swap_under_load_fails_no_request_and_never_mixes_models(gateway_f
     gateway = gateway_factory(HQCLIP_MODEL_REPO=str(repo), HQCLIP_ADMIN_KEYS="admin-key")
     old = load_manifest(repo).fingerprint
     assert _fingerprints(gateway) == (old, old)
-    answers: list[tuple[int, float, float, str]] = []  # (worker, started, ended, model)
-    failures: list[str] = []
-    reloaded_at: list[float] = []  # when the reload answer came back
-
-    async def load(worker: int, client: httpx.AsyncClient) -> None:
-        seen_after = 0
-        while seen_after < AFTER_SWAP and not failures:
-            started = time.monotonic()
-            response = await client.post("/v1/embed", json=MIXED)
-            if response.status_code != 200:
-                failures.append(response.text)
-                return
-            answers.append((worker, started, time.monotonic(), pair(response.json(), references)))
-            seen_after += bool(reloaded_at) and started > reloaded_at[0]
-
     async with httpx.AsyncClient(base_url=gateway.url, timeout=120) as client:
-        workers = [asyncio.create_task(load(i, client)) for i in range(WORKERS)]
+        load = Load(client, references)
+        clients = load.start()
         new = await asyncio.to_thread(_export, retrained_checkpoint, repo)  # the gateway serves on meanwhile
         export_done = time.monotonic()
         reload = await client.post("/v1/admin/reload", headers=ADMIN)
-        reloaded_at.append(time.monotonic())
-        await asyncio.gather(*workers)
+        load.swapped()
+        await asyncio.gather(*clients)
 
-    assert not failures, failures[:3]
+    load.check()
     assert reload.status_code == 200, reload.text
     assert reload.json()["reloaded"] and (reload.json()["previous"], reload.json()["fingerprint"]) == (old, new)
     assert new != old and _fingerprints(gateway) == (new, new)
-    assert all(model == "old" for _, _, ended, model in answers if ended < export_done)
-    assert all(model == "new" for _, started, _, model in answers if started > reloaded_at[0])
-    assert any(model == "old" for *_, model in answers) and any(model == "new" for *_, model in answers)
-    for worker in range(WORKERS):  # each client's answers: old ones, then new ones, never back
-        models = [model for w, *_, model in answers if w == worker]
-        assert models == sorted(models, key=["old", "new"].index), models
+    assert all(model == "old" for _, _, ended, model in load.answers if ended < export_done)
+    assert any(model == "new" for *_, model in load.answers)
 
 
 def test_a_broken_export_keeps_the_old_model_and_the_answer_says_why(gateway_factory, repo, retrained_checkpoint,

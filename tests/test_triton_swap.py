@@ -18,13 +18,12 @@ import pytest
 
 from hqclip.repo.manifest import load_manifest, sha256_file
 from tests.servers.triton import TritonServer, triton_factory  # noqa: F401 (a fixture)
-from tests.swap import MIXED, pair, references, retrained_checkpoint  # noqa: F401 (fixtures)
+from tests.swap import MIXED, Load, pair, references, retrained_checkpoint  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.slow
 
 ADMIN = {"Authorization": "Bearer admin-key"}
 TOWERS = ("tiny_image", "tiny_text")
-WORKERS, AFTER_SWAP = 4, 3
 UNLOAD_TIMEOUT_S = 60
 
 
@@ -70,39 +69,16 @@ async def test_swap_both_towers_with_requests_running(triton_factory, gateway_fa
     old = load_manifest(repo).fingerprint
     new = publish_version(retrained_export, repo, 2)
     assert sorted(triton.mirror()) == ["tiny_image/2", "tiny_text/2"]
-    answers: list[tuple[int, float, str]] = []  # (worker, started, model)
-    failures: list[str] = []
-    reloaded_at: list[float] = []
-    warmed = asyncio.Event()  # every client has had an answer (from the old versions)
-
-    async def load(worker: int, client: httpx.AsyncClient) -> None:
-        seen_after = 0
-        while seen_after < AFTER_SWAP and not failures:
-            started = time.monotonic()
-            response = await client.post("/v1/embed", json=MIXED)
-            if response.status_code != 200:
-                failures.append(response.text)
-                warmed.set()
-                return
-            answers.append((worker, started, pair(response.json(), references)))
-            if len(answers) >= WORKERS:
-                warmed.set()
-            seen_after += bool(reloaded_at) and started > reloaded_at[0]
-
     async with httpx.AsyncClient(base_url=gateway.url, timeout=120) as client:
-        workers = [asyncio.create_task(load(i, client)) for i in range(WORKERS)]
-        await warmed.wait()
+        load = Load(client, references)
+        clients = load.start()
+        await load.answered.wait()  # every client has an answer from version 1
         reload = await client.post("/v1/admin/reload", headers=ADMIN)
-        reloaded_at.append(time.monotonic())
-        await asyncio.gather(*workers)
+        load.swapped()
+        await asyncio.gather(*clients)
 
-    assert not failures, failures[:3]
+    load.check()
     assert reload.status_code == 200 and reload.json()["fingerprint"] == new != old, reload.text
-    assert all(model == "new" for _, started, model in answers if started > reloaded_at[0])
-    assert any(model == "old" for *_, model in answers)
-    for worker in range(WORKERS):
-        models = [model for w, _, model in answers if w == worker]
-        assert models == sorted(models, key=["old", "new"].index), models
     wait_for_versions(triton, {tower: {"2"} for tower in TOWERS})  # the old versions unloaded once unused
 
 
