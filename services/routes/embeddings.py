@@ -66,11 +66,11 @@ async def embed(body: EmbedRequest, request: Request) -> EmbedResponse:
     images = [decode_image(body.inputs[i].image, f"inputs[{i}].image", limit) for i in image_at]
 
     async def run_texts() -> TextEmbeddings:
-        with inputs_from("inputs", "{field}[{i}].text", text_at):
+        with inputs_from("inputs", at=text_at):
             return await engine.embed_texts(texts) if texts else TextEmbeddings(np.empty((0, 0)), [], 0)
 
     async def run_images() -> np.ndarray | list:
-        with inputs_from("inputs", "{field}[{i}].image", image_at):
+        with inputs_from("inputs", at=image_at):
             return await engine.embed_images(images) if images else []
 
     embedded, image_vectors = await asyncio.gather(run_texts(), run_images())
