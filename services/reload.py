@@ -106,7 +106,7 @@ class Serving:
                 return Reloaded(False, old.manifest.name, old.fingerprint, old.fingerprint,
                                 time.perf_counter() - started)
             try:
-                await new.backend.prepare()  # Triton: load the new versions beside the old
+                await new.backend.prepare(old.backend)  # Triton: load the new versions beside the old
                 await new.start()
                 if not await new.ready():
                     raise BackendUnavailable(f"{new.backend.name} does not serve the new towers")

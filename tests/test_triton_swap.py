@@ -88,6 +88,23 @@ def test_a_version_triton_cannot_load_keeps_the_old_one_serving(triton_factory, 
     gateway = gateway_factory(HQCLIP_MODEL_REPO=str(repo), HQCLIP_BACKEND="triton", HQCLIP_TRITON__URL=triton.grpc_url,
                               HQCLIP_ADMIN_KEYS="admin-key")
     old = load_manifest(repo).fingerprint
+
+    def refused(*words: str) -> None:
+        """The reload answers 422 with ``words`` in its message; the old model serves on, Triton keeps version 1."""
+        answer = httpx.post(f"{gateway.url}/v1/admin/reload", headers=ADMIN, timeout=120)
+        assert answer.status_code == 422, answer.text
+        message = answer.json()["error"]["message"]
+        assert all(word in message for word in (*words, old)), message
+        body = httpx.post(f"{gateway.url}/v1/embed", json=MIXED, timeout=60)
+        assert body.status_code == 200 and pair(body.json(), references) == "old"
+        assert httpx.get(f"{gateway.url}/ready", timeout=30).json()["fingerprint"] == old
+        wait_for_versions(triton, {tower: {"1"} for tower in TOWERS})
+
+    for tower in TOWERS:  # an export over version 1: Triton would answer from the old weights it holds
+        shutil.copyfile(retrained_export / tower / "1" / "model.onnx", repo / tower / "1" / "model.onnx")
+    shutil.copyfile(retrained_export / "tiny.manifest.json", repo / "tiny.manifest.json")
+    refused("tiny_image is version 1", "tiny_image/2/")
+
     publish_version(retrained_export, repo, 2)
     broken = repo / "tiny_image" / "2" / "model.onnx"  # a graph the runtime refuses, with a checksum to match it
     broken.write_bytes(broken.read_bytes()[:1000])
@@ -96,11 +113,4 @@ def test_a_version_triton_cannot_load_keeps_the_old_one_serving(triton_factory, 
     (repo / "tiny.manifest.json").write_text(json.dumps(manifest))
     triton.mirror()
 
-    answer = httpx.post(f"{gateway.url}/v1/admin/reload", headers=ADMIN, timeout=120)
-    assert answer.status_code == 422, answer.text
-    message = answer.json()["error"]["message"]
-    assert "version 2 of tiny_image" in message and old in message, message
-    body = httpx.post(f"{gateway.url}/v1/embed", json=MIXED, timeout=60)
-    assert body.status_code == 200 and pair(body.json(), references) == "old"
-    assert httpx.get(f"{gateway.url}/ready", timeout=30).json()["fingerprint"] == old
-    wait_for_versions(triton, {tower: {"1"} for tower in TOWERS})  # the text tower's version 2 unloaded again
+    refused("version 2 of tiny_image")

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from hqclip.repo.layout import VERSION
+from hqclip.repo.layout import VERSION, onnx_path
 from hqclip.repo.manifest import Manifest
 from services.backends.base import Backend, BackendUnavailable
 from services.settings import Settings
@@ -60,6 +61,8 @@ class TritonBackend(Backend):
             self._outputs[manifest.tags.model] = manifest.tags.output
             self._inputs[manifest.tags.model] = manifest.tags.input
         self._versions = {model: str(model_version(manifest, model)) for model in self._outputs}
+        self._files = {model: manifest.files.get(onnx_path(Path(), model, int(version)).as_posix())
+                       for model, version in self._versions.items()}
         self._client: grpcclient.InferenceServerClient | None = None
 
     def _connect(self) -> grpcclient.InferenceServerClient:
@@ -125,9 +128,15 @@ class TritonBackend(Backend):
         config["version_policy"] = {"specific": {"versions": sorted(versions, key=int)}}
         await client.load_model(model, config=json.dumps(config))
 
-    async def prepare(self) -> None:
-        """Load this export's versions beside those Triton serves; a clear error when Triton cannot."""
+    async def prepare(self, previous: Backend) -> None:
+        """Load this export's versions beside those Triton serves; a clear error when Triton cannot, or when a
+        changed model comes as the version Triton already serves (Triton would answer with its old weights)."""
         for model, version in self._versions.items():
+            if (isinstance(previous, TritonBackend) and previous._versions.get(model) == version
+                    and previous._files.get(model) != self._files[model]):
+                raise RuntimeError(f"the new {model} is version {version}, the version Triton serves now, which would "
+                                   f"keep answering with the old weights: publish it as a new version folder "
+                                   f"({model}/{int(version) + 1}/, docs/deploy.md)")
             try:
                 if await self._connect().is_model_ready(model, version):
                     continue
