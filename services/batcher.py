@@ -5,7 +5,7 @@ Each model gets one batcher. A request submits its rows; a worker takes the firs
 With ``max_delay`` 0 (the default) nobody waits: a batch is whatever is queued when a worker is free, and under
 load the queue fills while the backend runs, so batches grow by themselves.
 The backlog is bounded: items submitted and not yet answered (waiting or running) never exceed ``queue_size``;
-a request that would pass it is refused at once (429), never queued without limit.
+a request that would pass it is refused at once (``QueueFull``), never queued without limit.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.errors import ApiError
+from services.errors import QueueFull
 from services.metrics import Metrics
 
 
@@ -47,13 +47,8 @@ class MicroBatcher:
     async def submit(self, rows: np.ndarray) -> np.ndarray:
         """Results for ``rows`` (one per row, in order), computed in batches shared with other requests."""
         if self._pending + len(rows) > self._queue_size:
-            raise ApiError(
-                429,
-                f"the {self.name} queue is full ({self._pending} items pending, room for {self._queue_size}); "
-                "retry after a moment",
-                type="rate_limit_error",
-                headers={"Retry-After": "1"},
-            )
+            raise QueueFull(f"the {self.name} queue is full ({self._pending} items pending, "
+                            f"room for {self._queue_size})")
         loop = asyncio.get_running_loop()
         pending = [_Row(row, loop.create_future()) for row in rows]
         for row in pending:

@@ -10,6 +10,7 @@ import asyncio
 import os
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -18,18 +19,34 @@ from hqclip.repo.preprocess import ImageError, ImagePreprocessor
 from hqclip.repo.tokenizer import load_tokenizer, trim_padding
 from services.backends import Backend, create_backend
 from services.batcher import MicroBatcher
-from services.errors import ApiError
+from services.errors import BadInput, NoTagHead, TooManyInputs
 from services.metrics import Metrics
 from services.settings import Settings
 
 _LABEL_CACHE_SIZE = 8192
 
 
+@dataclass
+class TextEmbeddings:
+    """What the text tower gave for a list of texts."""
+
+    vectors: np.ndarray  # [n, D], L2-normalised
+    truncated: list[bool]  # per text: cut to the context length
+    tokens: int  # tokens the texts took, start and end markers included (OpenAI's `usage`)
+
+
 class Engine:
-    def __init__(self, settings: Settings, metrics: Metrics, backend: Backend | None = None) -> None:
+    """One loaded model: its manifest, backend, tokenizer, pre-processing and batchers.
+
+    ``manifest`` defaults to the one the settings name; services/reload.py builds a second engine beside this one
+    for a new export and swaps them."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, backend: Backend | None = None,
+                 manifest: Manifest | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.manifest: Manifest = load_manifest(settings.model_repo, settings.model)
+        self.manifest: Manifest = manifest or load_manifest(settings.model_repo, settings.model)
+        self.fingerprint = self.manifest.fingerprint
         self.image_model, self.text_model = self.manifest.towers(settings.precision)
         self.backend = backend or create_backend(settings, self.manifest)
         self.tokenizer = load_tokenizer(self.manifest.text.tokenizer, settings.model_repo)
@@ -72,56 +89,54 @@ class Engine:
         await self.backend.close()
         self._cpu.shutdown(wait=False, cancel_futures=True)
 
-    def _check_fits(self, count: int, param: str) -> None:
-        """A request larger than the whole queue could never be served: 413 now, not a 429 forever."""
+    def _check_fits(self, count: int) -> None:
+        """A call larger than the whole queue could never be served: refused now, not a full queue forever."""
         room = self.settings.batch.queue_size
         if count > room:
-            raise ApiError(413, f"{param} has {count} items, more than the gateway's queue holds ({room}); "
-                           "split the request", param=param)
+            raise TooManyInputs(f"{count} items, more than the gateway's queue holds ({room}); split the request")
 
     async def _in_threads(self, fn, items: list) -> list:
         loop = asyncio.get_running_loop()
         return await asyncio.gather(*(loop.run_in_executor(self._cpu, fn, item) for item in items))
 
-    async def embed_texts(self, texts: list[str], param: str = "input") -> tuple[np.ndarray, list[bool]]:
-        """L2-normalised embeddings [n, D] and, per text, whether it was truncated to the context length."""
-        self._check_fits(len(texts), param)
-        for i, text in enumerate(texts):
-            if len(text) > self.settings.limits.max_text_chars:
-                raise ApiError(
-                    400,
-                    f"{param}[{i}] has {len(text)} characters, more than the limit of "
-                    f"{self.settings.limits.max_text_chars}",
-                    param=f"{param}[{i}]",
-                )
-        ids, truncated = await asyncio.get_running_loop().run_in_executor(self._cpu, self.tokenizer, texts)
-        self.metrics.items.labels("text").inc(len(texts))
-        return await self._batchers[self.text_model].submit(ids), truncated
+    def _tokenize(self, texts: list[str]) -> tuple[np.ndarray, list[bool], int]:
+        ids, truncated = self.tokenizer(texts)
+        return ids, truncated, int((ids != self.manifest.text.tokenizer.pad_id).sum())
 
-    def _decode(self, item: tuple[int, bytes, str]) -> np.ndarray:
-        index, data, param = item
+    async def embed_texts(self, texts: list[str]) -> TextEmbeddings:
+        """L2-normalised embeddings, which texts were cut to the context length, and the tokens they took."""
+        self._check_fits(len(texts))
+        limit = self.settings.limits.max_text_chars
+        for i, text in enumerate(texts):
+            if len(text) > limit:
+                raise BadInput(f"{len(text)} characters, more than the limit of {limit}", i)
+        ids, truncated, tokens = await asyncio.get_running_loop().run_in_executor(self._cpu, self._tokenize, texts)
+        self.metrics.items.labels("text").inc(len(texts))
+        return TextEmbeddings(await self._batchers[self.text_model].submit(ids), truncated, tokens)
+
+    def _decode(self, item: tuple[int, bytes]) -> np.ndarray:
+        index, data = item
         try:
             return self.preprocess(data)
         except ImageError as exc:
-            raise ApiError(400, f"{param}[{index}]: {exc}", param=f"{param}[{index}]") from None
+            raise BadInput(str(exc), index) from None
 
-    async def pixels(self, images: list[bytes], param: str = "input") -> np.ndarray:
+    async def pixels(self, images: list[bytes]) -> np.ndarray:
         """Decoded, resized, cropped uint8 [n, 3, H, W], each image in a thread off the event loop."""
-        return np.stack(await self._in_threads(self._decode, [(i, data, param) for i, data in enumerate(images)]))
+        return np.stack(await self._in_threads(self._decode, list(enumerate(images))))
 
-    async def embed_images(self, images: list[bytes], param: str = "input") -> np.ndarray:
+    async def embed_images(self, images: list[bytes]) -> np.ndarray:
         """L2-normalised embeddings [n, D] of encoded images (JPEG, PNG, WebP, ...)."""
-        self._check_fits(len(images), param)
-        pixels = await self.pixels(images, param)
+        self._check_fits(len(images))
+        pixels = await self.pixels(images)
         self.metrics.items.labels("image").inc(len(images))
         return await self._batchers[self.image_model].submit(pixels)
 
     async def tag_probabilities(self, image_embeddings: np.ndarray) -> np.ndarray:
-        """Per-tag probabilities [n, V] from the short-tag head; 404 when the model has none."""
+        """Per-tag probabilities [n, V] from the short-tag head."""
         if self.manifest.tags is None:
-            raise ApiError(404, f"model '{self.manifest.name}' has no tag head; export a model trained with "
-                           "short-tag classification (`hqclip train` with lambda_stc > 0)",
-                           param="model", type="not_found_error")
+            raise NoTagHead(f"model '{self.manifest.name}' has no tag head; export a model trained with "
+                            "short-tag classification (`hqclip train` with lambda_stc > 0)")
         return await self.backend.infer(self.manifest.tags.model, image_embeddings.astype(np.float32))
 
     async def label_embeddings(self, labels: list[str], templates: tuple[str, ...]) -> np.ndarray:
@@ -132,8 +147,12 @@ class Engine:
         if missing:
             prompts = [template.format(label) for label in missing for template in templates]
             step = min(self.settings.batch.max_size, self.settings.batch.queue_size)
-            chunks = [(await self.embed_texts(prompts[i : i + step], param="labels"))[0]
-                      for i in range(0, len(prompts), step)]
+            chunks = []
+            for i in range(0, len(prompts), step):
+                try:
+                    chunks.append((await self.embed_texts(prompts[i : i + step])).vectors)
+                except BadInput as exc:  # name the label, not its prompt
+                    raise BadInput(exc.reason, labels.index(missing[(i + exc.index) // len(templates)])) from None
             embeddings = np.concatenate(chunks)
             per_label = embeddings.reshape(len(missing), len(templates), -1).mean(axis=1)
             per_label /= np.linalg.norm(per_label, axis=1, keepdims=True)
@@ -153,10 +172,12 @@ class Engine:
         return logits
 
     async def ready(self) -> bool:
-        """A real inference on a tiny input succeeds end to end."""
+        """A real inference on a tiny input succeeds end to end, through every model the engine runs."""
         if not await self.backend.ready():
             return False
         await self.embed_texts(["ready"])
         pixels = np.zeros((1, 3, *self.manifest.image.size), dtype=np.uint8)
-        await self._batchers[self.image_model].submit(pixels)
+        embeddings = await self._batchers[self.image_model].submit(pixels)
+        if self.manifest.tags is not None:
+            await self.tag_probabilities(embeddings)
         return True

@@ -13,7 +13,8 @@ from services.errors import ApiError
 
 
 def engine_of(request: Request) -> Engine:
-    return request.app.state.engine
+    """The engine this request leased at its start (services/reload.py): one model for the whole request."""
+    return request.state.engine
 
 
 def check_model(engine: Engine, model: str | None, param: str = "model") -> str:

@@ -131,6 +131,14 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma-separated bearer keys; empty = no auth."
     )
+    admin_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated bearer keys that may also call /v1/admin/* (a model "
+        "reload); empty = nobody may. They pass wherever API keys do.",
+    )
+    reload_s: float = Field(
+        0.0, ge=0, description="Seconds between looks at the served manifest file; when it changed (a new `hqclip "
+        "export`), the new model is loaded beside the old one and swapped in. 0 = no watcher (POST /v1/admin/reload).",
+    )
     log_level: str = Field("info", description="uvicorn log level.")
     batch: BatchSettings = BatchSettings()
     limits: LimitSettings = LimitSettings()
@@ -138,7 +146,7 @@ class Settings(BaseSettings):
     index: IndexSettings = IndexSettings()
     refine: RefineSettings = RefineSettings()
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "admin_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):

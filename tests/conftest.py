@@ -41,17 +41,9 @@ def _no_sigchld_handler_left_behind():
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A tiny open_clip checkpoint folder (released-checkpoint layout) with seeded random weights saved in it,
     so every load of it — the export's and the tests' torch reference — has the same weights."""
-    import open_clip
-    import torch
-    from safetensors.torch import save_file
+    from testkit.tiny import write_seeded_checkpoint
 
-    from testkit.tiny import write_tiny_checkpoint
-
-    folder = write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-checkpoint"))
-    torch.manual_seed(0)
-    model = open_clip.create_model(f"local-dir:{folder}")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
-    return folder
+    return write_seeded_checkpoint(tmp_path_factory.mktemp("tiny-checkpoint"), seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -108,3 +108,13 @@ def test_exif_rotation_is_applied(gateway, tiny_model):
     sideways = Image.open(io.BytesIO(rotated)).convert("RGB")
     assert cosines(got, torch_images(tiny_model, [reference]))[0] >= 0.9999
     assert cosines(got, torch_images(tiny_model, [sideways]))[0] < 0.9999
+
+
+def test_usage_counts_the_tokens_the_text_tower_took(gateway, tiny_model):
+    _, _, tokenizer = tiny_model
+    texts = ["a photo of a cat", "an astronaut", ""]
+    body = httpx.post(f"{gateway.url}/v1/embeddings", json={"model": "tiny", "input": texts}, timeout=60).json()
+    assert body["usage"]["prompt_tokens"] == int((tokenizer(texts) != 0).sum()) == body["usage"]["total_tokens"]
+    mixed = httpx.post(f"{gateway.url}/v1/embed", json={"inputs": [{"image": b64(jpeg())}, {"text": "a cat"}]},
+                       timeout=60).json()
+    assert mixed["usage"]["prompt_tokens"] == int((tokenizer(["a cat"]) != 0).sum())

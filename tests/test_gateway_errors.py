@@ -62,3 +62,8 @@ def test_mixed_input_needs_exactly_one_field(gateway):
     assert response.status_code == 422
     assert response.json()["error"]["param"].startswith("inputs.0")
 
+
+def test_a_bad_input_of_a_mixed_batch_is_named_where_it_stands(gateway):
+    body = {"inputs": [{"text": "fine"}, {"image": b64(jpeg())}, {"image": b64(b"not an image")}]}
+    response = httpx.post(f"{gateway.url}/v1/embed", json=body, timeout=60)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "inputs[2]", response.text

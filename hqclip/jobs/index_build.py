@@ -30,7 +30,7 @@ import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from hqclip.shards import IMAGE_EXTENSIONS, count_samples, image_files, read_tar
-from services.errors import ApiError
+from services.errors import BadInput
 from services.index.store import Collection, Item
 from services.index.vectors import IndexSpec
 from services.settings import IndexParams, Settings
@@ -149,8 +149,8 @@ def open_or_create(path: Path, params: IndexParams, dim: int, model: str) -> Col
 async def embed_batch(engine, batch: list[Record], failed: list[str]) -> tuple[list[Record], np.ndarray | None]:
     """Embeddings of a batch; an image that does not decode is logged and left out, not the whole batch."""
     try:
-        return batch, await engine.embed_images([r.image for r in batch], param="image")
-    except ApiError:
+        return batch, await engine.embed_images([r.image for r in batch])
+    except BadInput:
         if len(batch) == 1:
             failed.append(batch[0].id)
             return [], None

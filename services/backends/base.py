@@ -28,5 +28,11 @@ class Backend(ABC):
     async def ready(self) -> bool:
         """True when the runtime and every model the manifest names can serve now."""
 
+    async def prepare(self, previous: Backend) -> None:  # noqa: B027 (optional: in-process runtimes loaded all)
+        """Before a hot swap (services/reload.py) replaces ``previous``: make this backend's models servable."""
+
+    async def release(self) -> None:  # noqa: B027 (optional)
+        """After a hot swap replaced this backend: free what only it used (Triton: the old model versions)."""
+
     async def close(self) -> None:  # noqa: B027 (optional: most runtimes have nothing to release)
         """Release sessions, channels and threads."""

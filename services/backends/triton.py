@@ -4,14 +4,26 @@ Tensors travel as raw binary (images as uint8 pixels, a quarter of float32). Mod
 from the manifest, exactly as ``hqclip export`` laid out the repository Triton loads. When Triton goes away, calls
 raise ``BackendUnavailable`` (503, ``/ready`` false) and the channel is dropped; the next call opens a fresh one,
 so the gateway serves again as soon as Triton is back, without a restart.
+
+Hot swap (services/reload.py) with Triton in ``--model-control-mode=explicit``: each request names the version of
+its model that the manifest's files put it in (``<model>/<version>/model.onnx``), so a backend built for a new
+export talks only to the new versions. ``prepare`` loads them beside the versions Triton serves (``load_model`` with
+the model's own config and a ``specific`` version policy); ``release``, once the swap is done and the old requests
+have finished, leaves loaded only the versions still in use. A version that fails to load leaves the old ones
+serving: Triton keeps a model's loaded versions when a reload of it fails.
 """
 
 from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
+from hqclip.repo.layout import VERSION, onnx_path
 from hqclip.repo.manifest import Manifest
 from services.backends.base import Backend, BackendUnavailable
 from services.settings import Settings
@@ -25,6 +37,16 @@ _CHANNEL_ARGS = [
     ("grpc.max_receive_message_length", 2**31 - 1),
     ("grpc.lb_policy_name", "round_robin"),
 ]
+log = logging.getLogger("hqclip.triton")
+
+
+def model_version(manifest: Manifest, model: str) -> int:
+    """The version folder of ``model`` among the manifest's files (``<model>/<version>/...``); else layout's."""
+    for rel in manifest.files:
+        parts = rel.split("/")
+        if len(parts) == 3 and parts[0] == model and parts[1].isdigit():
+            return int(parts[1])
+    return VERSION
 
 
 class TritonBackend(Backend):
@@ -38,6 +60,9 @@ class TritonBackend(Backend):
         if manifest.tags:
             self._outputs[manifest.tags.model] = manifest.tags.output
             self._inputs[manifest.tags.model] = manifest.tags.input
+        self._versions = {model: str(model_version(manifest, model)) for model in self._outputs}
+        self._files = {model: manifest.files.get(onnx_path(Path(), model, int(version)).as_posix())
+                       for model, version in self._versions.items()}
         self._client: grpcclient.InferenceServerClient | None = None
 
     def _connect(self) -> grpcclient.InferenceServerClient:
@@ -61,6 +86,7 @@ class TritonBackend(Backend):
             result = await client.infer(
                 model,
                 [request],
+                model_version=self._versions[model],
                 outputs=[grpcclient.InferRequestedOutput(output)],
                 client_timeout=self._settings.timeout_s,
             )
@@ -81,14 +107,54 @@ class TritonBackend(Backend):
         try:
             if not await client.is_server_ready(client_timeout=timeout):
                 return False
-            for model in self._outputs:
-                if not await client.is_model_ready(model, client_timeout=timeout):
+            for model, version in self._versions.items():
+                if not await client.is_model_ready(model, version, client_timeout=timeout):
                     return False
         except InferenceServerException as exc:
             if exc.status() == "StatusCode.UNAVAILABLE":
                 await self._drop(client)
             return False
         return True
+
+    async def _loaded(self, model: str) -> set[str]:
+        index = await self._connect().get_model_repository_index(as_json=True)
+        return {entry["version"] for entry in index.get("models", [])
+                if entry["name"] == model and entry.get("state") == "READY" and "version" in entry}
+
+    async def _serve_versions(self, model: str, versions: set[str]) -> None:
+        """Have Triton serve exactly ``versions`` of ``model`` (its own config, another version policy)."""
+        client = self._connect()
+        config = (await client.get_model_config(model, as_json=True))["config"]
+        config["version_policy"] = {"specific": {"versions": sorted(versions, key=int)}}
+        await client.load_model(model, config=json.dumps(config))
+
+    async def prepare(self, previous: Backend) -> None:
+        """Load this export's versions beside those Triton serves; a clear error when Triton cannot, or when a
+        changed model comes as the version Triton already serves (Triton would answer with its old weights)."""
+        for model, version in self._versions.items():
+            if (isinstance(previous, TritonBackend) and previous._versions.get(model) == version
+                    and previous._files.get(model) != self._files[model]):
+                raise RuntimeError(f"the new {model} is version {version}, the version Triton serves now, which would "
+                                   f"keep answering with the old weights: publish it as a new version folder "
+                                   f"({model}/{int(version) + 1}/, docs/deploy.md)")
+            try:
+                if await self._connect().is_model_ready(model, version):
+                    continue
+                await self._serve_versions(model, await self._loaded(model) | {version})
+            except InferenceServerException as exc:
+                if exc.status() == "StatusCode.UNAVAILABLE":
+                    raise BackendUnavailable(f"Triton at {self._settings.url}: {exc.message()}") from None
+                raise RuntimeError(f"Triton could not load version {version} of {model}: {exc.message()}") from None
+
+    async def release(self) -> None:
+        """Unload the versions only this backend used (never a model's last one)."""
+        for model, version in self._versions.items():
+            try:
+                keep = await self._loaded(model) - {version}
+                if keep:
+                    await self._serve_versions(model, keep)
+            except InferenceServerException as exc:
+                log.warning("version %s of %s stays loaded: %s", version, model, exc.message())
 
     async def close(self) -> None:
         if self._client is not None:

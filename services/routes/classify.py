@@ -6,7 +6,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 
 from hqclip.repo.prompts import DEFAULT_TEMPLATES
-from services.errors import ApiError
+from services.errors import ApiError, inputs_from
 from services.payloads import check_model, decode_images, engine_of
 from services.schemas import (
     Classification,
@@ -52,8 +52,10 @@ async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
         raise ApiError(400, f"labels has {len(labels)} names, more than {engine.settings.limits.max_labels}",
                        param="labels")
     templates = _templates(body.templates)
-    images = await engine.embed_images(decode_images(engine, body.images, "images"), param="images")
-    probabilities = _softmax(engine.logits(images, await engine.label_embeddings(labels, templates)))
+    with inputs_from("images"):
+        images = await engine.embed_images(decode_images(engine, body.images, "images"))
+    with inputs_from("labels"):
+        probabilities = _softmax(engine.logits(images, await engine.label_embeddings(labels, templates)))
     top_k = min(body.top_k, len(labels))
     data = []
     for i, row in enumerate(probabilities):
@@ -68,7 +70,8 @@ async def tags(body: TagsRequest, request: Request) -> TagsResponse:
     engine = engine_of(request)
     name = check_model(engine, body.model)
     images = decode_images(engine, body.images, "images")
-    probabilities = await engine.tag_probabilities(await engine.embed_images(images, param="images"))
+    with inputs_from("images"):
+        probabilities = await engine.tag_probabilities(await engine.embed_images(images))
     vocabulary = engine.manifest.tags.vocabulary
     data = []
     for i, row in enumerate(probabilities):

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from hqclip.repo.prompts import DEFAULT_TEMPLATES
-from services.errors import ApiError
+from services.errors import ApiError, inputs_from
 from services.index.manager import CollectionExists, CollectionManager, CollectionNotFound
 from services.index.store import Collection, Filters, Hit, Item
 from services.payloads import check_count, decode_image, engine_of, read_uploads
@@ -140,15 +140,6 @@ def _check_model_dim(request: Request, collection: Collection, param: str) -> No
                        f"'{manifest.name}' embeds {manifest.embed_dim}-d; give 'vector' instead", param=param)
 
 
-def _name_item(exc: ApiError, given: str, at: list[int], name: str) -> ApiError:
-    """The engine names "<given>[j]", the j-th input it got: ``name`` the field it came from instead."""
-    if exc.param and exc.param.startswith(f"{given}["):
-        where = name.format(at[int(exc.param[len(given) + 1 :].split("]")[0])])
-        exc.message = exc.message.replace(exc.param, where, 1)
-        exc.param = where
-    return exc
-
-
 def _hit(hit: Hit) -> SearchHit:
     return SearchHit(**hit.__dict__)
 
@@ -231,7 +222,7 @@ async def _refine(request: Request, images: dict[int, bytes], items: list[Item],
 
 async def _store(request: Request, collection: Collection, items: list[Item], texts: dict[int, str],
                  images: dict[int, bytes], vectors: dict[int, np.ndarray], refine: bool | None,
-                 image_name: str = "items[{}].image") -> dict:
+                 image_name: tuple[str, str] = ("items", "{field}[{i}].image")) -> dict:
     """Embed what needs embedding (and refine images), then upsert; answered once the write is durable."""
     engine = engine_of(request)
     if texts or images:
@@ -239,18 +230,14 @@ async def _store(request: Request, collection: Collection, items: list[Item], te
 
     async def run_texts():
         if texts:
-            try:
-                embedded, _ = await engine.embed_texts(list(texts.values()), param="texts")
-            except ApiError as exc:
-                raise _name_item(exc, "texts", list(texts), "items[{}].text") from None
-            vectors.update(zip(texts, embedded))
+            with inputs_from("items", "{field}[{i}].text", list(texts)):
+                embedded = await engine.embed_texts(list(texts.values()))
+            vectors.update(zip(texts, embedded.vectors))
 
     async def run_images():
         if images:
-            try:
-                embedded = await engine.embed_images(list(images.values()), param="images")
-            except ApiError as exc:
-                raise _name_item(exc, "images", list(images), image_name) from None
+            with inputs_from(*image_name, list(images)):
+                embedded = await engine.embed_images(list(images.values()))
             vectors.update(zip(images, embedded))
 
     await asyncio.gather(run_texts(), run_images(), _refine(request, images, items, refine))
@@ -314,7 +301,8 @@ async def upload_items(
             first = exc.errors()[0]
             param = f"items[{i}]" + "".join(f".{p}" for p in first["loc"])
             raise ApiError(400, f"{param}: {first['msg']}", param=param) from None
-    return await _store(request, target, parsed, {}, dict(enumerate(data)), {}, refine, image_name="files[{}]")
+    return await _store(request, target, parsed, {}, dict(enumerate(data)), {}, refine,
+                        image_name=("files", "{field}[{i}]"))
 
 
 @router.delete("/v1/collections/{collection}/items")
@@ -341,12 +329,14 @@ async def _query_vector(request: Request, target: Collection, body: SearchReques
         _check_model_dim(request, target, "text")
         if body.templates:
             templates = DEFAULT_TEMPLATES if body.templates is True else tuple(body.templates)
-            return (await engine.label_embeddings([body.text], templates))[0]
-        embedded, _ = await engine.embed_texts([body.text], param="text")
-        return embedded[0]
+            with inputs_from("text", "{field}"):
+                return (await engine.label_embeddings([body.text], templates))[0]
+        with inputs_from("text", "{field}"):
+            return (await engine.embed_texts([body.text])).vectors[0]
     _check_model_dim(request, target, "image")
     data = decode_image(body.image, "image", engine.settings.limits.max_image_bytes)
-    return (await engine.embed_images([data], param="image"))[0]
+    with inputs_from("image", "{field}"):
+        return (await engine.embed_images([data]))[0]
 
 
 @router.post("/v1/collections/{collection}/search", response_model=SearchResponse)

@@ -32,6 +32,7 @@ async def models(request: Request) -> dict:
         "precision": engine.settings.precision,
         "precisions": [manifest.precision, *manifest.variants],
         "tags": len(manifest.tags.vocabulary) if manifest.tags else 0,
+        "fingerprint": engine.fingerprint,
         "backend": engine.backend.name,
         "limits": engine.settings.limits.model_dump(),
     }
@@ -46,9 +47,10 @@ async def health() -> dict:
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
     """Ready when a real inference on a tiny input succeeds; each optional component reports on its own."""
-    checks: dict[str, object] = {}
+    engine = engine_of(request)
+    checks: dict[str, object] = {"fingerprint": engine.fingerprint}
     try:
-        checks["model"] = await engine_of(request).ready()
+        checks["model"] = await engine.ready()
     except BackendUnavailable as exc:
         checks["model"] = False
         checks["model_error"] = str(exc)

@@ -18,6 +18,7 @@ import pytest
 
 from hqclip.repo.manifest import load_manifest
 from testkit.processes import STARTUP_TIMEOUT_S, die_with_parent, free_port
+from tests.servers.triton_mirror import mirror
 
 ROOT = Path(__file__).resolve().parents[2]
 TRITON_PYTHON = ROOT / "build" / "venvs" / "triton" / "bin" / "python"
@@ -42,6 +43,7 @@ class TritonServer:
     grpc_port: int
     http_port: int
     metrics_port: int
+    triton_repo: Path | None = None  # explicit versions: Triton's own Python-backend models, mirrored here
     process: subprocess.Popen | None = None
 
     @property
@@ -69,6 +71,8 @@ class TritonServer:
                                "(or `make test-servers`)")
         command = [str(TRITON_PYTHON), str(SERVE), "--model-repo", str(self.repo), "--grpc-port", str(self.grpc_port),
                    "--http-port", str(self.http_port), "--metrics-port", str(self.metrics_port)]
+        if self.triton_repo is not None:
+            command += ["--triton-repo", str(self.triton_repo)]
         with open(self.log, "ab") as out:
             self.process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                             start_new_session=True, preexec_fn=die_with_parent)
@@ -78,6 +82,19 @@ class TritonServer:
                 self.stop()
                 raise RuntimeError(f"Triton did not become ready:\n{self.log.read_text()[-4000:]}")
             time.sleep(0.2)
+
+    def mirror(self) -> list[str]:
+        """Give Triton the versions exported since it started (explicit versions only); the ones added."""
+        return mirror(self.repo, self.triton_repo)
+
+    def versions(self) -> dict[str, set[str]]:
+        """model -> the versions Triton serves now (READY), from its repository index."""
+        index = httpx.post(f"{self.http_url}/v2/repository/index", json={}, timeout=10).json()
+        ready: dict[str, set[str]] = {}
+        for entry in index:
+            if entry.get("state") == "READY":
+                ready.setdefault(entry["name"], set()).add(entry["version"])
+        return ready
 
     def stop(self) -> bool:
         """SIGTERM, as an operator would; True when everything exited by itself (nothing needed SIGKILL)."""
@@ -102,12 +119,14 @@ class TritonServer:
 
 @pytest.fixture(scope="session")
 def triton_factory(tmp_path_factory):
-    """``start(repo)`` -> a ready TritonServer on free ports; all are stopped at the end of the session."""
+    """``start(repo, explicit_versions=False)`` -> a ready TritonServer on free ports; all are stopped at the end of
+    the session. With ``explicit_versions`` Triton serves the repository's version folders as its own models."""
     started: list[TritonServer] = []
 
-    def start(repo: Path) -> TritonServer:
-        log = tmp_path_factory.mktemp("triton") / "triton.log"
-        server = TritonServer(Path(repo), log, free_port(), free_port(), free_port())
+    def start(repo: Path, explicit_versions: bool = False) -> TritonServer:
+        folder = tmp_path_factory.mktemp("triton")
+        server = TritonServer(Path(repo), folder / "triton.log", free_port(), free_port(), free_port(),
+                              folder / "models" if explicit_versions else None)
         started.append(server)
         server.start()
         return server

@@ -7,6 +7,11 @@ with dynamic batching on. The gateway talks to it over gRPC exactly as it would 
 
     build/venvs/triton/bin/python tests/servers/triton_serve.py --model-repo model_repo --grpc-port 8001
 
+With ``--triton-repo DIR`` the models are not bound functions but Triton's own: the repository's version folders
+are mirrored into DIR as Python-backend models (tests/servers/triton_mirror.py) and tritonserver loads them itself in
+``--model-control-mode=explicit``, so clients can load, pin and unload model versions (the hot-swap tests). Versions
+exported later are mirrored by the test (``TritonServer.mirror``) before a client loads them.
+
 Stops cleanly on SIGTERM or SIGINT: tritonserver and its Python-backend stubs exit with it.
 """
 
@@ -33,7 +38,8 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 from pytriton.decorators import batch  # noqa: E402
 from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor  # noqa: E402
-from pytriton.triton import Triton, TritonConfig  # noqa: E402
+from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig  # noqa: E402
+from triton_mirror import mirror  # noqa: E402 (stdlib only; this script's folder is on sys.path)
 
 MANIFEST_SUFFIX = ".manifest.json"
 ORT_TYPES = {"tensor(uint8)": np.uint8, "tensor(int64)": np.int64, "tensor(float)": np.float32}
@@ -100,6 +106,8 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=None, help="Default: the manifest's.")
     parser.add_argument("--max-queue-delay-us", type=int, default=2000, help="Dynamic batcher's queue delay.")
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per model.")
+    parser.add_argument("--triton-repo", type=Path, default=None,
+                        help="Serve the repository's versions as Triton's own models, mirrored into this folder.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
@@ -115,10 +123,15 @@ def main() -> None:
         metrics_port=args.metrics_port,
         allow_gpu_metrics=False,
         exit_timeout_secs=5,
+        model_repository=args.triton_repo,
     )
-    triton = Triton(config=config)
+    # explicit mode: the model-repository API (load, unload) open to clients, as on a plain tritonserver
+    triton = Triton(config=config, security_config=TritonSecurityConfig(restricted_endpoints=[]) if args.triton_repo
+                    else None)
     try:
-        for model, input_name, output_name in served_models(manifest):
+        if args.triton_repo:
+            LOG.info("mirrored %s", mirror(args.model_repo, args.triton_repo))
+        for model, input_name, output_name in served_models(manifest) if not args.triton_repo else ():
             bind_model(triton, args.model_repo, model, input_name, output_name, args)
         triton.run()  # starts tritonserver and waits until every model is ready
         LOG.info("serving %s on grpc :%d, http :%d", manifest["name"], args.grpc_port, args.http_port)
