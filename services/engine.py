@@ -30,8 +30,8 @@ class Engine:
         self.settings = settings
         self.metrics = metrics
         self.manifest: Manifest = load_manifest(settings.model_repo, settings.model)
-        self.image_model, self.text_model = self.manifest.towers(settings.precision)
-        self.backend = backend or create_backend(settings, self.manifest)
+        self.backend = backend or create_backend(settings, self.manifest)  # chooses the precision (auto)
+        self.image_model, self.text_model = self.manifest.towers(self.backend.precision)
         self.tokenizer = load_tokenizer(self.manifest.text.tokenizer, settings.model_repo)
         self.preprocess = ImagePreprocessor(
             self.manifest.image, settings.limits.max_image_bytes, settings.limits.max_image_pixels

@@ -15,6 +15,7 @@ from hqclip.jobs.precision import MIN_COSINE, GateFailed, export_precision
 from hqclip.repo.layout import onnx_path
 from hqclip.repo.manifest import load_manifest
 from hqclip.repo.preprocess import ImagePreprocessor
+from services.backends.cpu import this_cpu
 from tests.conftest import ROOT
 from tests.photos import b64, jpeg
 
@@ -39,7 +40,9 @@ def variant_repo(tmp_path_factory, tiny_repo):
     missing = repo.parent / "no-demo-data"  # the demo's shards are not built in tests: the offline set is used
     result = subprocess.run(
         [sys.executable, "-m", "hqclip.cli", "export", "--out", str(repo), "--name", "tiny",
-         "--precision", "int8", "--precision", "bf16", "--eval-data", str(missing)],
+         "--precision", "int8", "--precision", "bf16", "--eval-data", str(missing),
+         "--force"],  # bf16 where the CPU emulates it: gated on 32 images
+
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
@@ -101,7 +104,8 @@ def test_a_failing_gate_says_which_and_by_how_much_and_writes_nothing(variant_re
 
     with pytest.raises(GateFailed) as zero_shot_failure:
         # a variant would have to beat fp32 by 50 points
-        export_precision(variant_repo, "bf16", name="tiny", data=tmp_path, max_images=32, max_zero_shot_drop=-50)
+        export_precision(variant_repo, "bf16", name="tiny", data=tmp_path, max_images=32, max_zero_shot_drop=-50,
+                         force=True)
     assert "zero-shot accuracy" in str(zero_shot_failure.value) and "over by" in str(zero_shot_failure.value)
     assert snapshot(variant_repo) == before
     assert not list(variant_repo.parent.glob(".tiny-*"))  # no staging folder left behind
@@ -116,18 +120,19 @@ def test_unknown_precision_is_refused_before_anything_runs(tmp_path):
 
 
 @pytest.mark.slow
-def test_gateway_serves_the_precision_it_is_told_fp32_by_default(gateway_factory, variant_repo):
+def test_gateway_serves_the_precision_it_is_told(gateway_factory, variant_repo):
     images = [b64(jpeg(name)) for name in PHOTOS[:4]]
     served = {}
-    for precision in ("default", "int8", "bf16"):
-        env = {"HQCLIP_MODEL_REPO": str(variant_repo)}
-        if precision != "default":
-            env["HQCLIP_PRECISION"] = precision
-        gateway = gateway_factory(**env)
+    for precision in ("fp32", "int8", "bf16"):
+        # bf16 on a CPU without bf16 units is refused unless allowed (test_selection.py); here it is allowed
+        gateway = gateway_factory(HQCLIP_MODEL_REPO=str(variant_repo), HQCLIP_PRECISION=precision,
+                                  HQCLIP_ALLOW_EMULATED="true")
         card = httpx.get(f"{gateway.url}/v1/models", timeout=30).json()["data"][0]
-        assert card["precision"] == ("fp32" if precision == "default" else precision)
+        assert card["precision"] == precision
         assert set(card["precisions"]) == {"fp32", "bf16", "int8"}
-        assert card["backend"] == ("openvino" if precision == "bf16" else "onnxruntime")
+        runtimes = {tower["runtime"] for tower in card["selection"]["towers"].values()}
+        assert runtimes == {"bf16": {"openvino"}, "int8": {"onnxruntime"}}.get(precision, runtimes)
+        assert runtimes <= {"onnxruntime", "openvino"}  # fp32: whichever measured faster, per tower
         assert httpx.get(f"{gateway.url}/ready", timeout=60).status_code == 200
         vectors = []
         for modality, inputs in (("image", images), ("text", TEXTS)):
@@ -139,9 +144,29 @@ def test_gateway_serves_the_precision_it_is_told_fp32_by_default(gateway_factory
         served[precision] = vectors
         gateway.stop()
     for precision in ("int8", "bf16"):
-        for fp32, reduced in zip(served["default"], served[precision]):
+        for fp32, reduced in zip(served["fp32"], served[precision]):
             assert cosines(fp32, reduced).min() >= MIN_COSINE[precision]
             assert not np.array_equal(fp32, reduced)  # it really is another model
+
+
+@pytest.mark.slow
+def test_auto_serves_the_fastest_native_variant_and_says_why(gateway_factory, variant_repo):
+    """The defaults (auto, auto): a variant this CPU computes natively, never an emulated one; /v1/models says
+    which precision and runtimes were chosen and why."""
+    cpu = this_cpu()
+    gateway = gateway_factory(HQCLIP_MODEL_REPO=str(variant_repo), HQCLIP_LOG_LEVEL="info")
+    card = httpx.get(f"{gateway.url}/v1/models", timeout=30).json()["data"][0]
+    selection = card["selection"]
+    expected = "bf16" if cpu.bf16_native else "int8" if cpu.int8_native else "fp32"
+    assert card["precision"] == selection["precision"] == expected
+    assert selection["precision_why"].startswith("auto:")
+    assert selection["cpu"] == cpu.summary() and "VNNI" in selection["cpu"]
+    assert set(selection["towers"]) == {"image", "text"}
+    towers = load_manifest(variant_repo, "tiny").towers(expected)
+    assert [selection["towers"][t]["model"] for t in ("image", "text")] == list(towers)
+    assert all(tower["why"] for tower in selection["towers"].values())
+    log = gateway.log.read_text()
+    assert f"serving tiny in {expected}" in log and "image tower tiny_image" in log
 
 
 @pytest.mark.slow
@@ -150,7 +175,8 @@ def test_gateway_runs_fp32_on_openvino_when_told(gateway_factory, variant_repo):
     images = [b64(jpeg(name)) for name in PHOTOS[:4]]
     served = {}
     for backend in ("onnxruntime", "openvino"):
-        gateway = gateway_factory(HQCLIP_MODEL_REPO=str(variant_repo), HQCLIP_BACKEND=backend)
+        gateway = gateway_factory(HQCLIP_MODEL_REPO=str(variant_repo), HQCLIP_BACKEND=backend,
+                                  HQCLIP_PRECISION="fp32")
         card = httpx.get(f"{gateway.url}/v1/models", timeout=30).json()["data"][0]
         assert (card["backend"], card["precision"]) == (backend, "fp32")
         served[backend] = []

