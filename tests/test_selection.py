@@ -142,3 +142,13 @@ def test_export_says_before_it_starts_that_the_cpu_would_emulate(tmp_path):
         assert result.returncode == 2, result.stderr
         assert "no AVX512-BF16 or AMX-BF16" in result.stderr and "--force" in result.stderr
         assert not any(tmp_path.iterdir())
+
+
+def test_every_benchmark_section_names_its_processor(capsys):
+    from benchmarks.results import publish
+
+    publish(["### A benchmark", "", "| a | b |"], keep=False)
+    title, blank, machine, *rest = capsys.readouterr().out.splitlines()
+    assert (title, blank, rest) == ("### A benchmark", "", ["", "| a | b |"])
+    assert machine.startswith(f"CPU: {this_cpu().model}") and "avx512_bf16" in machine and "AMX" in machine
+    assert "VNNI" in machine and "load average" in machine
