@@ -214,3 +214,22 @@ def test_reexporting_fp32_clears_the_old_variants(variant_repo, tiny_checkpoint,
     export_checkpoint(str(tiny_checkpoint), out=repo, name="tiny")
     assert load_manifest(repo, "tiny", verify=True).variants == {}
     assert sorted(p.name for p in repo.iterdir()) == ["tiny.manifest.json", "tiny_image", "tiny_text"]
+
+
+@pytest.mark.slow
+def test_int8_keeps_one_tower_fp32_when_only_the_other_passes(variant_repo, tmp_path):
+    """A gate between the two towers' int8 cosines: the pair fails, the better tower in int8 beside the other in
+    fp32 passes and is installed as a per-tower variant (only its folder is written)."""
+    parity = load_manifest(variant_repo, "tiny").variants["int8"].parity
+    image, text = parity["image_cosine_mean"], parity["text_cosine_mean"]
+    assert image != text
+    repo = tmp_path / "repo"
+    shutil.copytree(variant_repo, repo)
+    manifest = export_precision(repo, "int8", name="tiny", data=tmp_path / "no-demo-data",  # the fixture's data
+                                min_cosine=(image + text) / 2)
+    better, worse = ("image", "text") if image > text else ("text", "image")
+    variant = manifest.variants["int8"]
+    models = {"image": variant.image_model, "text": variant.text_model}
+    assert models[better] == f"tiny_{better}_int8" and models[worse] == f"tiny_{worse}"  # the fp32 tower
+    assert variant.parity[f"{worse}_cosine_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert load_manifest(repo, "tiny", verify=True).towers("int8") == (models["image"], models["text"])

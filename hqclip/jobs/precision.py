@@ -228,12 +228,12 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Embeddings:
-    """What one pair of towers makes of the parity data: image and text embeddings, zero-shot accuracy."""
+    """What a pair of towers makes of the parity data: image and text embeddings, and class embeddings (the mean
+    of each class's prompts) for zero-shot; ``classes`` is None without labelled images."""
 
     image: np.ndarray
     text: np.ndarray
-    zero_shot: float | None  # percent of labelled images; None without labels
-    zero_shot_images: int
+    classes: np.ndarray | None
 
 
 def embed(towers: Towers, data: ParityData, tokenizer, progress: Progress | None = None,
@@ -241,18 +241,22 @@ def embed(towers: Towers, data: ParityData, tokenizer, progress: Progress | None
     """Run both towers over the evaluation data (and the class prompts, for zero-shot)."""
     image = _batched(towers.image, data.pixels, progress, f"{label} image tower")
     text = _batched(towers.text, tokenizer(data.texts)[0], progress, f"{label} text tower")
-    zero_shot = None
-    labelled = data.labels >= 0
-    if labelled.any():  # the nearest class (mean prompt embedding) to each labelled image
+    classes = None
+    if (data.labels >= 0).any():
         prompts = [t.format(c) for c in data.classes for t in data.templates]
         classes = _batched(towers.text, tokenizer(prompts)[0], progress, f"{label} class prompts")
         classes = classes.reshape(len(data.classes), len(data.templates), -1).mean(1)
-        predicted = (image[labelled] @ classes.T).argmax(-1)
-        zero_shot = float(100.0 * (predicted == data.labels[labelled]).mean())
-    return Embeddings(image, text, zero_shot, int(labelled.sum()))
+    return Embeddings(image, text, classes)
 
 
-def compare(reference: Embeddings, variant: Embeddings, min_cosine: float,
+def _zero_shot_accuracy(embeddings: Embeddings, labels: np.ndarray) -> float:
+    """Percent of labelled images whose nearest class is their label."""
+    labelled = labels >= 0
+    predicted = (embeddings.image[labelled] @ embeddings.classes.T).argmax(-1)
+    return float(100.0 * (predicted == labels[labelled]).mean())
+
+
+def compare(reference: Embeddings, variant: Embeddings, labels: np.ndarray, min_cosine: float,
             max_zero_shot_drop: float = MAX_ZERO_SHOT_DROP) -> Report:
     """Parity numbers of ``variant`` against ``reference`` and the gates it misses."""
     image_cos, text_cos = _cosines(reference.image, variant.image), _cosines(reference.text, variant.text)
@@ -264,15 +268,22 @@ def compare(reference: Embeddings, variant: Embeddings, min_cosine: float,
         if cosine.mean() < min_cosine:
             report.failures.append(f"{tower} cosine to fp32 {cosine.mean():.5f} < {min_cosine} "
                                    f"(short by {min_cosine - cosine.mean():.5f})")
-    if reference.zero_shot is not None:
-        fp32, reduced = reference.zero_shot, variant.zero_shot
+    if reference.classes is not None:
+        fp32, reduced = _zero_shot_accuracy(reference, labels), _zero_shot_accuracy(variant, labels)
         report.parity.update(zero_shot_fp32=fp32, zero_shot=reduced, zero_shot_drop=fp32 - reduced,
-                             zero_shot_images=float(reference.zero_shot_images))
+                             zero_shot_images=float((labels >= 0).sum()))
         if fp32 - reduced > max_zero_shot_drop:
             report.failures.append(f"zero-shot accuracy {reduced:.2f}% vs fp32 {fp32:.2f}%: drop "
                                    f"{fp32 - reduced:.2f} points > {max_zero_shot_drop} "
                                    f"(over by {fp32 - reduced - max_zero_shot_drop:.2f})")
     return report
+
+
+def per_tower(reference: Embeddings, variant: Embeddings) -> dict[str, Embeddings]:
+    """The variant as a whole, and each of its towers beside the other fp32 tower (a per-tower variant)."""
+    return {"image and text": variant,
+            "image": Embeddings(variant.image, reference.text, reference.classes),
+            "text": Embeddings(reference.image, variant.text, variant.classes)}
 
 
 def check_native(precision: str, force: bool, cpu: Cpu | None = None) -> str | None:
@@ -448,6 +459,7 @@ def export_precision(repo: Path, precision: str, name: str | None = None, data: 
     console.log(f"{manifest.name} {precision}: parity data: {parity_data.source}")
     fp32 = {"image": layout.onnx_path(repo, manifest.image.model), "text": layout.onnx_path(repo, manifest.text.model)}
     gate = min_cosine or MIN_COSINE[precision]
+    missed: list[str] = []  # the gates the whole variant missed last
     with gate_progress(console) as progress, staging(repo, f"{manifest.name}-{precision}") as stage:
         reference = embed(Towers(_onnxruntime_tower(fp32["image"], threads),
                                  _onnxruntime_tower(fp32["text"], threads)), parity_data, tokenizer, progress, "fp32")
@@ -457,17 +469,22 @@ def export_precision(repo: Path, precision: str, name: str | None = None, data: 
             attempt = "" if share is None else f" ({share:.0%} of the most sensitive matrix layers kept float)"
             variant = Towers(tower_runner(paths["image"], precision, threads),
                              tower_runner(paths["text"], precision, threads))
-            report = compare(reference, embed(variant, parity_data, tokenizer, progress, f"{precision}{attempt}"),
-                             gate, max_zero_shot_drop)
-            numbers = ", ".join(f"{k}={v:.4g}" for k, v in report.parity.items())
-            if not report.failures:
-                console.log(f"{manifest.name} {precision}: passed{attempt}: {numbers}")
-                return _install(repo, stage, manifest, precision, {**report.parity, **counts}, parity_data.source)
-            console.log(f"{manifest.name} {precision}: failed{attempt}: " + "; ".join(report.failures)
-                        + f" ({numbers})")
+            made = embed(variant, parity_data, tokenizer, progress, f"{precision}{attempt}")
+            # int8: when the pair misses a gate, one tower in int8 beside the other in fp32 may still pass
+            options = per_tower(reference, made) if precision == "int8" else {"image and text": made}
+            for towers, embeddings in options.items():
+                report = compare(reference, embeddings, parity_data.labels, gate, max_zero_shot_drop)
+                numbers = ", ".join(f"{k}={v:.4g}" for k, v in report.parity.items())
+                missed = report.failures if towers == "image and text" else missed
+                if not report.failures:
+                    console.log(f"{manifest.name} {precision} ({towers} reduced): passed{attempt}: {numbers}")
+                    return _install(repo, stage, manifest, precision, {**report.parity, **counts},
+                                    parity_data.source, reduced=towers.split(" and "))
+                console.log(f"{manifest.name} {precision} ({towers} reduced): failed{attempt}: "
+                            + "; ".join(report.failures) + f" ({numbers})")
         raise GateFailed(f"{manifest.name}: the {precision} variant failed its parity gates on "
-                         f"{parity_data.source}: " + "; ".join(report.failures)
-                         + ". Nothing was written; serve fp32 (the default) or try another precision.")
+                         f"{parity_data.source}: " + "; ".join(missed)
+                         + ". Nothing was written; serve fp32 or another precision.")
 
 
 class _Builder:
@@ -507,13 +524,15 @@ class _Builder:
 
 
 def _install(repo: Path, stage: Path, manifest: Manifest, precision: str, parity: dict[str, float],
-             source: str) -> Manifest:
-    """Move the variant's folders in (replacing an older build of it) and add it to the manifest."""
-    image_model = layout.variant_model(manifest.image.model, precision)
-    text_model = layout.variant_model(manifest.text.model, precision)
-    for model in (image_model, text_model):
+             source: str, reduced: list[str]) -> Manifest:
+    """Move the variant's ``reduced`` towers in (replacing an older build of it) and add it to the manifest; a tower
+    not reduced is the fp32 one."""
+    models = {"image": manifest.image.model, "text": manifest.text.model}
+    models.update({tower: layout.variant_model(models[tower], precision) for tower in reduced})
+    moved = [models[tower] for tower in reduced]
+    for model in moved:
         (stage / "variant" / model).rename(stage / model)
-    variants = {**manifest.variants, precision: Variant(image_model=image_model, text_model=text_model,
+    variants = {**manifest.variants, precision: Variant(image_model=models["image"], text_model=models["text"],
                                                         runtime=RUNTIMES[precision], parity=parity,
                                                         evaluation=source)}
-    return install(repo, stage, manifest.model_copy(update={"variants": variants}), [image_model, text_model])
+    return install(repo, stage, manifest.model_copy(update={"variants": variants}), moved)
