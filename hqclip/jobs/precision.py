@@ -6,11 +6,13 @@ and checked against torch by training/export.py), so it needs no torch and works
 - **bf16**: the towers' large weight matrices stored as bfloat16 (half the bytes), served by OpenVINO computing in
   bf16 on the CPU's matrix units (services/backends/openvino.py). ONNX Runtime's CPU provider has almost no bf16
   kernels; docs/precision.md has the measurements.
-- **int8**: ONNX Runtime static quantization, QDQ format, per-channel int8 weights, uint8 activations calibrated
-  on real photos and texts. The first and last matrix layers of each tower and depthwise convolutions stay
-  float; when a gate fails, the layers whose inputs lose most to quantization (lowest signal-to-quantization-noise
-  ratio, measured per node on the calibration data) are kept in float too, a growing share at a time
-  (``FLOAT_SHARES``), until the gates pass.
+- **int8**: NNCF post-training quantization of the ONNX towers (QDQ format, per-channel int8 weights, activation
+  ranges calibrated on real photos and texts, fast bias correction; transformer mode with SmoothQuant for towers
+  with attention), served by OpenVINO, which runs QDQ graphs on the CPU's int8 dot-product units (VNNI, AMX-INT8).
+  The first and last matrix layers of each tower and depthwise convolutions stay float; when a gate fails, the
+  layers whose inputs lose most to quantization (lowest signal-to-quantization-noise ratio, measured per node on
+  the calibration data) are kept in float too, a growing share at a time (``FLOAT_SHARES``), and each tower is
+  also gated alone beside the other tower in fp32 (a per-tower variant), until one passes.
 
 Gates, on real photos and texts never used for calibration (``ParityData``): mean cosine of each tower's
 embeddings to fp32 (``MIN_COSINE``) and zero-shot accuracy no more than ``MAX_ZERO_SHOT_DROP`` points below fp32.
@@ -45,7 +47,7 @@ from services.backends.cpu import Cpu, this_cpu
 PRECISIONS = ("fp32", "bf16", "int8")
 MIN_COSINE = {"bf16": 0.999, "int8": 0.99}
 MAX_ZERO_SHOT_DROP = 1.0  # accuracy points
-RUNTIMES = {"bf16": "openvino", "int8": "onnxruntime"}
+RUNTIMES = {"bf16": "openvino", "int8": "openvino"}
 FLOAT_SHARES = (0.0, 0.1, 0.25, 0.5)  # int8: share of matrix layers kept float, most sensitive first
 BF16_MIN_ELEMENTS = 4096  # weights smaller than this (norms, biases, the normalisation constants) stay fp32
 QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
@@ -334,16 +336,6 @@ def build_bf16(source: Path, target: Path) -> dict[str, float]:
     return {"bf16_weights": float(len(converted))}
 
 
-class _Reader:
-    """onnxruntime's CalibrationDataReader protocol over one array, in batches."""
-
-    def __init__(self, name: str, inputs: np.ndarray) -> None:
-        self._batches = iter([{name: inputs[i:i + BATCH]} for i in range(0, len(inputs), BATCH)])
-
-    def get_next(self) -> dict | None:
-        return next(self._batches, None)
-
-
 def _depthwise(nodes: list[onnx.NodeProto]) -> list[str]:
     """Depthwise convolutions (group > 1): one small kernel per channel, batch norm folded in; quantizing them
     costs EfficientNet-Lite0 0.06 of cosine (docs/precision.md), so they always stay float."""
@@ -387,16 +379,22 @@ def sensitivity(float_model: Path, inputs: np.ndarray, work: Path) -> list[str]:
 
 
 def build_int8(source: Path, target: Path, calibration: np.ndarray, float_nodes: list[str]) -> dict[str, float]:
-    """Static QDQ quantization: per-channel int8 weights, uint8 activations (min-max on ``calibration``)."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    """NNCF post-training quantization of an ONNX tower (QDQ: int8 weights per channel, activations with ranges
+    from ``calibration`` and fast bias correction), in transformer mode (SmoothQuant, attention's products kept
+    float) for a tower with attention; ``float_nodes`` stay float. OpenVINO runs the result in int8."""
+    import nncf
 
+    model = onnx.load(str(source))
+    name = model.graph.input[0].name
+    transformer = any(node.op_type == "Softmax" for node in model.graph.node)
+    quantized = nncf.quantize(
+        model, nncf.Dataset([{name: calibration[i:i + 1]} for i in range(len(calibration))]),
+        subset_size=len(calibration), preset=nncf.QuantizationPreset.MIXED,
+        model_type=nncf.ModelType.TRANSFORMER if transformer else None,
+        ignored_scope=nncf.IgnoredScope(names=float_nodes, validate=False))
     target.parent.mkdir(parents=True, exist_ok=True)
-    input_name = onnx.load(str(source), load_external_data=False).graph.input[0].name
-    quantize_static(str(source), str(target), _Reader(input_name, calibration), quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=list(QUANTIZED_OPS), per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, nodes_to_exclude=float_nodes,
-                    calibrate_method=CalibrationMethod.MinMax, extra_options={"MatMulConstBOnly": True})
-    return {"float_nodes": float(len(float_nodes))}
+    onnx.save(quantized, str(target))
+    return {"float_nodes": float(len(float_nodes)), "transformer_mode": float(transformer)}
 
 
 def _preprocessed(source: Path, work: Path) -> Path:
@@ -478,8 +476,10 @@ def export_precision(repo: Path, precision: str, name: str | None = None, data: 
                 missed = report.failures if towers == "image and text" else missed
                 if not report.failures:
                     console.log(f"{manifest.name} {precision} ({towers} reduced): passed{attempt}: {numbers}")
+                    reduced = towers.split(" and ")
+                    counts = {k: v for k, v in counts.items() if k.split("_")[0] in reduced}
                     return _install(repo, stage, manifest, precision, {**report.parity, **counts},
-                                    parity_data.source, reduced=towers.split(" and "))
+                                    parity_data.source, reduced=reduced)
                 console.log(f"{manifest.name} {precision} ({towers} reduced): failed{attempt}: "
                             + "; ".join(report.failures) + f" ({numbers})")
         raise GateFailed(f"{manifest.name}: the {precision} variant failed its parity gates on "

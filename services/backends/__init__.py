@@ -119,10 +119,13 @@ def _fastest(candidates: dict[str, Backend], load: Load, inputs: np.ndarray) -> 
 def _local(settings: Settings, manifest: Manifest, precision: str, cpu: Cpu) -> tuple[Backend, dict]:
     """The in-process backend serving each tower (and the tag head beside the image tower), and what was chosen."""
     image, text = manifest.towers(precision)
-    names, why = _candidates(settings, manifest, precision, cpu)
+    fp32_towers = (manifest.image.model, manifest.text.model)  # a per-tower variant keeps one of them
     routes: dict[str, Backend] = {}
     towers = {}
-    for tower, load in (("image", Load(image, precision)), ("text", Load(text, precision, text=True))):
+    for tower, model in (("image", image), ("text", text)):
+        computes = manifest.precision if model in fp32_towers else precision
+        load = Load(model, computes, text=tower == "text")
+        names, why = _candidates(settings, manifest, computes, cpu)
         built = {name: _runtime(name)(settings, [load]) for name in names}
         if len(built) == 1:
             chosen, reason = names[0], why

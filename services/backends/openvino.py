@@ -1,5 +1,6 @@
-"""In-process OpenVINO: serves the bf16 variant on CPUs with bf16 matrix units (AVX512-BF16, AMX), and fp32 where
-``HQCLIP_BACKEND=auto`` measured it faster than ONNX Runtime for a tower, or ``HQCLIP_BACKEND=openvino`` says so.
+"""In-process OpenVINO: serves the bf16 variant on CPUs with bf16 matrix units (AVX512-BF16, AMX), the int8 variant
+(NNCF's QDQ graphs, on VNNI / AMX-INT8), and fp32 where ``HQCLIP_BACKEND=auto`` measured it faster than ONNX Runtime
+for a tower, or ``HQCLIP_BACKEND=openvino`` says so.
 
 ONNX Runtime's CPU provider has almost no bf16 kernels, so a bf16 variant runs here. OpenVINO reads the same
 ``<repo>/<model>/1/model.onnx`` files as the ONNX Runtime backend; ``INFERENCE_PRECISION_HINT`` decides what the
@@ -21,14 +22,12 @@ from hqclip.repo.layout import onnx_path
 from services.backends.base import Backend, Load
 from services.settings import Settings
 
-RUNTIME_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
+# What matrix products compute in. int8: the QDQ graph says which products are int8 (VNNI, AMX-INT8); the rest f32.
+RUNTIME_PRECISIONS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 
 
 def compile_model(core: ov.Core, path: Path, precision: str, threads: int = 0) -> ov.CompiledModel:
-    """One model compiled for latency on this machine's CPU, computing in ``precision`` (fp32 or bf16)."""
-    if precision not in RUNTIME_PRECISIONS:
-        raise ValueError(f"OpenVINO serves {', '.join(RUNTIME_PRECISIONS)}, not {precision}: serve {precision} with "
-                         "HQCLIP_BACKEND=onnxruntime")
+    """One model compiled for latency on this machine's CPU, computing in ``precision`` (fp32, bf16, int8)."""
     config = {"INFERENCE_PRECISION_HINT": RUNTIME_PRECISIONS[precision], "PERFORMANCE_HINT": "LATENCY"}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
