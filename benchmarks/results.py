@@ -1,8 +1,11 @@
-"""benchmarks/RESULTS.md: the one file every benchmark appends its section to."""
+"""benchmarks/RESULTS.md: the one file every benchmark appends its section to, each naming the processor it ran on."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+from services.backends.cpu import this_cpu
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
@@ -13,9 +16,17 @@ def record(text: str, out: Path | str = RESULTS) -> None:
         handle.write("\n" + text.strip("\n") + "\n")
 
 
+def machine_line() -> str:
+    """The processor (model; bf16, AMX, VNNI units) and the load it shared, for under a section's title: numbers
+    from processors with and without bf16 units differ by up to 40x, so no section goes without it."""
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return f"CPU: {this_cpu().summary()}; load average {load} (1, 5, 15 min) when the section was written."
+
+
 def publish(lines: list[str], keep: bool) -> None:
-    """Print a markdown section and, with ``keep`` (a script's --record), append it to RESULTS.md."""
-    text = "\n".join(lines)
+    """Print a markdown section (its title, the processor line, the rest) and, with ``keep`` (a script's
+    --record), append it to RESULTS.md."""
+    text = "\n".join([*lines[:1], "", machine_line(), *lines[1:]])
     print(text)
     if keep:
         record(text)

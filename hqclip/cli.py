@@ -75,10 +75,18 @@ def export(
                                         "built from the fp32 towers and kept only at parity (docs/precision.md)."),
     eval_data: Path = typer.Option(Path("build/demo/data"), help="Parity photos and texts for --precision: the "
                                    "demo's held-out shards; where missing, an offline set (docs/precision.md)."),
+    force: bool = typer.Option(False, "--force", help="Build a --precision this CPU only emulates (bf16 without "
+                               "AVX512-BF16/AMX), gating it on 32 images; without it such an export is refused."),
 ) -> None:
     """Export an open_clip model to the model repository: ONNX towers, config.pbtxt, tokenizer, manifest."""
     with _needs("train", "export"):
-        from hqclip.jobs.precision import GateFailed, export_precision, requested_variants
+        from hqclip.jobs.precision import (
+            EmulatedPrecision,
+            GateFailed,
+            check_native,
+            export_precision,
+            requested_variants,
+        )
         from hqclip.repo.triton_config import TritonOptions
         from training.export import export_checkpoint
 
@@ -86,6 +94,12 @@ def export(
         variants = requested_variants(precision or [], with_model=bool(model))
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--precision") from None
+    try:  # said before anything starts, not after the fp32 export
+        for variant in variants:
+            check_native(variant, force)
+    except EmulatedPrecision as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     if model:
         triton = TritonOptions(
             device=triton_device, instances=triton_instances, max_queue_delay_us=max_queue_delay_us,
@@ -96,7 +110,7 @@ def export(
     failed = False
     for variant in variants:  # each variant passes or fails on its own; any failure makes the exit status 1
         try:
-            export_precision(out, variant, name=name, data=eval_data)
+            export_precision(out, variant, name=name, data=eval_data, force=force)
         except GateFailed as exc:
             typer.echo(f"error: {exc}", err=True)
             failed = True

@@ -47,8 +47,8 @@ class Engine:
         self.metrics = metrics
         self.manifest: Manifest = manifest or load_manifest(settings.model_repo, settings.model)
         self.fingerprint = self.manifest.fingerprint
-        self.image_model, self.text_model = self.manifest.towers(settings.precision)
-        self.backend = backend or create_backend(settings, self.manifest)
+        self.backend = backend or create_backend(settings, self.manifest)  # chooses the precision (auto)
+        self.image_model, self.text_model = self.manifest.towers(self.backend.precision)
         self.tokenizer = load_tokenizer(self.manifest.text.tokenizer, settings.model_repo)
         self.preprocess = ImagePreprocessor(
             self.manifest.image, settings.limits.max_image_bytes, settings.limits.max_image_pixels
@@ -60,9 +60,9 @@ class Engine:
     async def start(self) -> None:
         """Create the batchers on the running loop."""
         batch = self.settings.batch
-        largest = min(batch.max_size, self.manifest.max_batch_size)  # what the towers take (Triton refuses more)
+        largest = self.manifest.max_batch_size  # what the towers take (Triton refuses more)
         shapes = {self.image_model: (self._run_images, min(batch.image_max_size, largest), batch.image_workers),
-                  self.text_model: (self._run_texts, largest, batch.workers)}
+                  self.text_model: (self._run_texts, min(batch.text_max_size, largest), batch.text_workers)}
         for model, (run, max_size, workers) in shapes.items():
             self._batchers[model] = MicroBatcher(
                 model,
@@ -146,7 +146,7 @@ class Engine:
         missing = [label for label in dict.fromkeys(labels) if (label, templates) not in self._label_cache]
         if missing:
             prompts = [template.format(label) for label in missing for template in templates]
-            step = min(self.settings.batch.max_size, self.settings.batch.queue_size)
+            step = min(self.settings.batch.text_max_size, self.settings.batch.queue_size)
             chunks = []
             for i in range(0, len(prompts), step):
                 try:

@@ -1,36 +1,51 @@
 """All gateway settings, in one pydantic-settings class.
 
 Every knob is read from the environment with the prefix ``HQCLIP_``; nested sections use ``__``
-(``HQCLIP_BATCH__MAX_SIZE=64``). A few common knobs are flat (``HQCLIP_PORT``, ``HQCLIP_API_KEYS``).
+(``HQCLIP_BATCH__TEXT_MAX_SIZE=64``). A few common knobs are flat (``HQCLIP_PORT``, ``HQCLIP_API_KEYS``).
 Settings are built once, in ``services.app.create_app`` or the CLI, never at import time.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# The old names of the text batch settings: still read (HQCLIP_BATCH__MAX_SIZE, HQCLIP_BATCH__WORKERS), with a warning.
+_RENAMED_BATCH = {"max_size": "text_max_size", "workers": "text_workers"}
 
 
 class BatchSettings(BaseModel):
-    """The micro-batcher (services/engine.py): one per model."""
+    """The micro-batcher (services/engine.py): one per tower, texts and images set alike."""
 
-    max_size: int = Field(32, ge=1, description="Most items one backend call takes.")
+    text_max_size: int = Field(32, ge=1, description="Most texts one backend call takes.")
     image_max_size: int = Field(
-        8, ge=1, description="Most images one backend call takes (and never more than max_size): image towers on CPU "
-        "run fastest per image in small batches (README, Settings).",
+        8, ge=1, description="Most images one backend call takes: image towers on CPU run fastest per image in "
+        "small batches (README, Settings).",
     )
     max_delay_ms: float = Field(
         0.0, ge=0, description="How long the first item waits for others to join. 0: a batch is what is waiting when "
         "a backend call can start; batches grow by themselves while the backend is busy (benchmarks/RESULTS.md).",
     )
     queue_size: int = Field(512, ge=1, description="Items waiting per model before requests get 429.")
-    workers: int = Field(1, ge=1, description="Backend calls running at once for texts.")
+    text_workers: int = Field(1, ge=1, description="Backend calls running at once for texts.")
     image_workers: int = Field(
         2, ge=1, description="Backend calls running at once for images: one batch runs while the next is decoded.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, values: object) -> object:
+        if isinstance(values, dict):
+            for old, new in _RENAMED_BATCH.items():
+                if old in values:
+                    logging.getLogger("hqclip.settings").warning(
+                        "HQCLIP_BATCH__%s is deprecated: use HQCLIP_BATCH__%s", old.upper(), new.upper())
+                    values = {new: values[old], **{k: v for k, v in values.items() if k != old}}
+        return values
 
 
 class LimitSettings(BaseModel):
@@ -117,12 +132,22 @@ class Settings(BaseSettings):
     port: int = Field(8000, description="Port the gateway binds.")
     model_repo: Path = Field(Path("model_repo"), description="The Triton model repository `hqclip export` wrote.")
     model: str | None = Field(None, description="Which model of the repository to serve; default: the only one.")
-    backend: Literal["onnxruntime", "openvino", "triton"] = Field(
-        "onnxruntime", description="Where inference runs: in process on ONNX Runtime (the default) or OpenVINO (fp32 "
-        "and bf16; faster on recent Xeons, docs/precision.md), or on a Triton server. A bf16 variant always runs on "
-        "OpenVINO.",
+    backend: Literal["auto", "onnxruntime", "openvino", "triton"] = Field(
+        "auto", description="Where inference runs. auto (the default): in process, on the runtime that is fastest "
+        "for each tower on this CPU (measured at start when both ONNX Runtime and OpenVINO can run it); "
+        "onnxruntime or openvino: in process on that runtime; triton: on a Triton server. A bf16 variant always "
+        "runs on OpenVINO. The start-up log and /v1/models say what was chosen and why (docs/precision.md).",
     )
-    precision: str = Field("fp32", description="Which exported precision variant to serve (fp32, bf16, int8).")
+    precision: Literal["auto", "fp32", "bf16", "int8"] = Field(
+        "auto", description="Which exported precision to serve. auto (the default): the fastest variant in the "
+        "repository (each passed its parity gates at export) that this CPU computes natively: bf16 only with "
+        "AVX512-BF16 or AMX, int8 only with VNNI or AMX-INT8, else fp32. An explicit precision the CPU only emulates "
+        "is refused at start (see allow_emulated).",
+    )
+    allow_emulated: bool = Field(
+        False, description="Serve an explicit HQCLIP_PRECISION this CPU only emulates (bf16 without AVX512-BF16 or "
+        "AMX ran 40x slower than fp32 on a ViT-B-16), with a warning, instead of refusing to start.",
+    )
     ort_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = all cores.")
     ort_spinning: Literal["text", "all", "none"] = Field(
         "text", description="Which ONNX Runtime sessions' threads busy-wait for the next batch: spinning saves a "

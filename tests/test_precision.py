@@ -15,6 +15,7 @@ from hqclip.jobs.precision import MIN_COSINE, GateFailed, export_precision
 from hqclip.repo.layout import onnx_path
 from hqclip.repo.manifest import load_manifest
 from hqclip.repo.preprocess import ImagePreprocessor
+from services.backends.cpu import this_cpu
 from testkit.photos import b64, jpeg
 from testkit.processes import ROOT
 from testkit.vectors import cosines
@@ -35,7 +36,9 @@ def variant_repo(tmp_path_factory, tiny_repo):
     missing = repo.parent / "no-demo-data"  # the demo's shards are not built in tests: the offline set is used
     result = subprocess.run(
         [sys.executable, "-m", "hqclip.cli", "export", "--out", str(repo), "--name", "tiny",
-         "--precision", "int8", "--precision", "bf16", "--eval-data", str(missing)],
+         "--precision", "int8", "--precision", "bf16", "--eval-data", str(missing),
+         "--force"],  # bf16 where the CPU emulates it: gated on 32 images
+
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
@@ -48,7 +51,7 @@ def test_variants_pass_their_gates_and_the_manifest_records_them(variant_repo):
     assert manifest.precision == "fp32"
     assert set(manifest.variants) == {"bf16", "int8"}
     assert manifest.variants["bf16"].runtime == "openvino"
-    assert manifest.variants["int8"].runtime == "onnxruntime"
+    assert manifest.variants["int8"].runtime == "openvino"
     for precision, variant in manifest.variants.items():
         parity = variant.parity
         assert parity["image_cosine_mean"] >= MIN_COSINE[precision]
@@ -97,7 +100,8 @@ def test_a_failing_gate_says_which_and_by_how_much_and_writes_nothing(variant_re
 
     with pytest.raises(GateFailed) as zero_shot_failure:
         # a variant would have to beat fp32 by 50 points
-        export_precision(variant_repo, "bf16", name="tiny", data=tmp_path, max_images=32, max_zero_shot_drop=-50)
+        export_precision(variant_repo, "bf16", name="tiny", data=tmp_path, max_images=32, max_zero_shot_drop=-50,
+                         force=True)
     assert "zero-shot accuracy" in str(zero_shot_failure.value) and "over by" in str(zero_shot_failure.value)
     assert snapshot(variant_repo) == before
     assert not list(variant_repo.parent.glob(".tiny-*"))  # no staging folder left behind
@@ -112,18 +116,19 @@ def test_unknown_precision_is_refused_before_anything_runs(tmp_path):
 
 
 @pytest.mark.slow
-def test_gateway_serves_the_precision_it_is_told_fp32_by_default(gateway_factory, variant_repo):
+def test_gateway_serves_the_precision_it_is_told(gateway_factory, variant_repo):
     images = [b64(jpeg(name)) for name in PHOTOS[:4]]
     served = {}
-    for precision in ("default", "int8", "bf16"):
-        env = {"HQCLIP_MODEL_REPO": str(variant_repo)}
-        if precision != "default":
-            env["HQCLIP_PRECISION"] = precision
-        gateway = gateway_factory(**env)
+    for precision in ("fp32", "int8", "bf16"):
+        # bf16 on a CPU without bf16 units is refused unless allowed (test_selection.py); here it is allowed
+        gateway = gateway_factory(HQCLIP_MODEL_REPO=str(variant_repo), HQCLIP_PRECISION=precision,
+                                  HQCLIP_ALLOW_EMULATED="true")
         card = httpx.get(f"{gateway.url}/v1/models", timeout=30).json()["data"][0]
-        assert card["precision"] == ("fp32" if precision == "default" else precision)
+        assert card["precision"] == precision
         assert set(card["precisions"]) == {"fp32", "bf16", "int8"}
-        assert card["backend"] == ("openvino" if precision == "bf16" else "onnxruntime")
+        runtimes = {tower["runtime"] for tower in card["selection"]["towers"].values()}
+        assert runtimes == {"bf16": {"openvino"}, "int8": {"openvino"}}.get(precision, runtimes)
+        assert runtimes <= {"onnxruntime", "openvino"}  # fp32: whichever measured faster, per tower
         assert httpx.get(f"{gateway.url}/ready", timeout=60).status_code == 200
         vectors = []
         for modality, inputs in (("image", images), ("text", TEXTS)):
@@ -135,18 +140,40 @@ def test_gateway_serves_the_precision_it_is_told_fp32_by_default(gateway_factory
         served[precision] = vectors
         gateway.stop()
     for precision in ("int8", "bf16"):
-        for fp32, reduced in zip(served["default"], served[precision]):
+        for fp32, reduced in zip(served["fp32"], served[precision]):
             assert cosines(fp32, reduced).min() >= MIN_COSINE[precision]
             assert not np.array_equal(fp32, reduced)  # it really is another model
 
 
 @pytest.mark.slow
+def test_auto_serves_the_fastest_native_variant_and_says_why(gateway_factory, variant_repo):
+    """The defaults (auto, auto): a variant this CPU computes natively, never an emulated one; /v1/models says
+    which precision and runtimes were chosen and why."""
+    cpu = this_cpu()
+    gateway = gateway_factory(HQCLIP_MODEL_REPO=str(variant_repo), HQCLIP_LOG_LEVEL="info")
+    card = httpx.get(f"{gateway.url}/v1/models", timeout=30).json()["data"][0]
+    selection = card["selection"]
+    expected = "bf16" if cpu.bf16_native else "int8" if cpu.int8_native else "fp32"
+    assert card["precision"] == selection["precision"] == expected
+    assert selection["precision_why"].startswith("auto:")
+    assert selection["cpu"] == cpu.summary() and "VNNI" in selection["cpu"]
+    assert set(selection["towers"]) == {"image", "text"}
+    towers = load_manifest(variant_repo, "tiny").towers(expected)
+    assert [selection["towers"][t]["model"] for t in ("image", "text")] == list(towers)
+    assert all(tower["why"] for tower in selection["towers"].values())
+    log = gateway.log.read_text()
+    assert f"serving tiny in {expected}" in log and "image tower tiny_image" in log
+
+
+@pytest.mark.slow
 def test_gateway_runs_fp32_on_openvino_when_told(gateway_factory, variant_repo):
-    """HQCLIP_BACKEND=openvino: the same fp32 towers on OpenVINO give ONNX Runtime's embeddings; int8 it refuses."""
+    """HQCLIP_BACKEND=openvino: the same fp32 towers on OpenVINO give ONNX Runtime's embeddings. A variant runs
+    where its gates were measured whatever HQCLIP_BACKEND says."""
     images = [b64(jpeg(name)) for name in PHOTOS[:4]]
     served = {}
     for backend in ("onnxruntime", "openvino"):
-        gateway = gateway_factory(HQCLIP_MODEL_REPO=str(variant_repo), HQCLIP_BACKEND=backend)
+        gateway = gateway_factory(HQCLIP_MODEL_REPO=str(variant_repo), HQCLIP_BACKEND=backend,
+                                  HQCLIP_PRECISION="fp32")
         card = httpx.get(f"{gateway.url}/v1/models", timeout=30).json()["data"][0]
         assert (card["backend"], card["precision"]) == (backend, "fp32")
         served[backend] = []
@@ -159,10 +186,11 @@ def test_gateway_runs_fp32_on_openvino_when_told(gateway_factory, variant_repo):
         gateway.stop()
     for onnxruntime, openvino in zip(served["onnxruntime"], served["openvino"]):
         assert cosines(onnxruntime, openvino).min() >= 0.9999
-    with pytest.raises(RuntimeError) as failure:
-        gateway_factory(HQCLIP_MODEL_REPO=str(variant_repo), HQCLIP_BACKEND="openvino", HQCLIP_PRECISION="int8")
-    log = " ".join(str(failure.value).split())
-    assert "not int8" in log and "HQCLIP_BACKEND=onnxruntime" in log
+    gateway = gateway_factory(HQCLIP_MODEL_REPO=str(variant_repo), HQCLIP_BACKEND="onnxruntime",
+                              HQCLIP_PRECISION="int8")
+    card = httpx.get(f"{gateway.url}/v1/models", timeout=30).json()["data"][0]
+    assert card["backend"] == "openvino"
+    assert "the int8 variant runs on OpenVINO" in card["selection"]["towers"]["image"]["why"]
 
 
 @pytest.mark.slow
@@ -184,3 +212,22 @@ def test_reexporting_fp32_clears_the_old_variants(variant_repo, tiny_checkpoint,
     export_checkpoint(str(tiny_checkpoint), out=repo, name="tiny")
     assert load_manifest(repo, "tiny", verify=True).variants == {}
     assert sorted(p.name for p in repo.iterdir()) == ["tiny.manifest.json", "tiny_image", "tiny_text"]
+
+
+@pytest.mark.slow
+def test_int8_keeps_one_tower_fp32_when_only_the_other_passes(variant_repo, tmp_path):
+    """A gate between the two towers' int8 cosines: the pair fails, the better tower in int8 beside the other in
+    fp32 passes and is installed as a per-tower variant (only its folder is written)."""
+    parity = load_manifest(variant_repo, "tiny").variants["int8"].parity
+    image, text = parity["image_cosine_mean"], parity["text_cosine_mean"]
+    assert image != text
+    repo = tmp_path / "repo"
+    shutil.copytree(variant_repo, repo)
+    manifest = export_precision(repo, "int8", name="tiny", data=tmp_path / "no-demo-data",  # the fixture's data
+                                min_cosine=(image + text) / 2)
+    better, worse = ("image", "text") if image > text else ("text", "image")
+    variant = manifest.variants["int8"]
+    models = {"image": variant.image_model, "text": variant.text_model}
+    assert models[better] == f"tiny_{better}_int8" and models[worse] == f"tiny_{worse}"  # the fp32 tower
+    assert variant.parity[f"{worse}_cosine_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert load_manifest(repo, "tiny", verify=True).towers("int8") == (models["image"], models["text"])

@@ -1,14 +1,24 @@
-"""The one interface every inference backend implements."""
+"""The one interface every inference backend implements, and the router that serves each tower from its own."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import numpy as np
 
 
 class BackendUnavailable(RuntimeError):
     """The runtime cannot run models right now (a Triton outage, say); the gateway answers 503."""
+
+
+@dataclass(frozen=True)
+class Load:
+    """One model an in-process backend loads: its repository name, what it computes in, whether it reads tokens."""
+
+    model: str
+    precision: str = "fp32"
+    text: bool = False
 
 
 class Backend(ABC):
@@ -20,6 +30,8 @@ class Backend(ABC):
     """
 
     name: str  # the runtime, as /v1/models reports it
+    precision: str = "fp32"  # the precision served; services/backends/__init__.py sets it
+    choice: dict | None = None  # which runtime and precision serve each tower, and why (/v1/models "selection")
 
     @abstractmethod
     async def infer(self, model: str, inputs: np.ndarray) -> np.ndarray: ...
@@ -36,3 +48,22 @@ class Backend(ABC):
 
     async def close(self) -> None:  # noqa: B027 (optional: most runtimes have nothing to release)
         """Release sessions, channels and threads."""
+
+
+class Routed(Backend):
+    """Each model on the backend chosen for it (HQCLIP_BACKEND=auto may pick a runtime per tower)."""
+
+    def __init__(self, routes: dict[str, Backend]) -> None:
+        self._routes = routes
+        self._backends = list({id(b): b for b in routes.values()}.values())
+        self.name = "+".join(dict.fromkeys(b.name for b in self._backends))
+
+    async def infer(self, model: str, inputs: np.ndarray) -> np.ndarray:
+        return await self._routes[model].infer(model, inputs)
+
+    async def ready(self) -> bool:
+        return all([await backend.ready() for backend in self._backends])
+
+    async def close(self) -> None:
+        for backend in self._backends:
+            await backend.close()

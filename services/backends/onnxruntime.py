@@ -9,8 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from hqclip.repo.layout import onnx_path
-from hqclip.repo.manifest import Manifest
-from services.backends.base import Backend
+from services.backends.base import Backend, Load
 from services.settings import Settings
 
 
@@ -27,25 +26,25 @@ def session_options(settings: Settings, text_tower: bool) -> ort.SessionOptions:
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, settings: Settings, manifest: Manifest) -> None:
-        image, text = manifest.towers(settings.precision)
-        names = [image, text] + ([manifest.tags.model] if manifest.tags else [])
+    def __init__(self, settings: Settings, loads: list[Load]) -> None:
+        # ONNX Runtime computes what the file says: an int8 variant's QDQ graph in int8, fp32 in fp32.
         self._sessions = {
-            name: ort.InferenceSession(str(onnx_path(settings.model_repo, name)),
-                                       session_options(settings, text_tower=name == text),
-                                       providers=["CPUExecutionProvider"])
-            for name in names
+            load.model: ort.InferenceSession(str(onnx_path(settings.model_repo, load.model)),
+                                             session_options(settings, text_tower=load.text),
+                                             providers=["CPUExecutionProvider"])
+            for load in loads
         }
         # ONNX Runtime releases the GIL while it runs, so a few threads overlap batches with decoding.
-        self._pool = ThreadPoolExecutor(max_workers=settings.batch.workers + settings.batch.image_workers,
+        self._pool = ThreadPoolExecutor(max_workers=settings.batch.text_workers + settings.batch.image_workers,
                                         thread_name_prefix="ort")
 
-    def _run(self, model: str, inputs: np.ndarray) -> np.ndarray:
+    def run(self, model: str, inputs: np.ndarray) -> np.ndarray:
+        """One batch, in the calling thread (infer's worker; the start-up measurement)."""
         session = self._sessions[model]
         return session.run(None, {session.get_inputs()[0].name: inputs})[0]
 
     async def infer(self, model: str, inputs: np.ndarray) -> np.ndarray:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self._run, model, inputs)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self.run, model, inputs)
 
     async def ready(self) -> bool:
         return bool(self._sessions)

@@ -29,11 +29,12 @@ async def models(request: Request) -> dict:
         "image_size": list(manifest.image.size),
         "context_length": manifest.text.tokenizer.context_length,
         "logit_scale": manifest.logit_scale,
-        "precision": engine.settings.precision,
+        "precision": engine.backend.precision,
         "precisions": [manifest.precision, *manifest.variants],
         "tags": len(manifest.tags.vocabulary) if manifest.tags else 0,
         "fingerprint": engine.fingerprint,
         "backend": engine.backend.name,
+        "selection": engine.backend.choice,  # which precision and runtime serve each tower, and why
         "limits": engine.settings.limits.model_dump(),
     }
     return {"object": "list", "data": [card]}
