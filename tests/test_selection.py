@@ -14,7 +14,7 @@ from hqclip.repo.manifest import Variant, load_manifest
 from services.backends import choose_precision, create_backend
 from services.backends.cpu import Cpu, parse_cpuinfo, this_cpu
 from services.settings import Settings
-from tests.conftest import ROOT
+from testkit.processes import ROOT
 
 # The first lines that matter of three real /proc/cpuinfo texts: this kind of box (AVX-512 + VNNI, no bf16 units),
 # a Sapphire Rapids (AMX), an Arm Neoverse N1 (int8 dot product).
