@@ -249,6 +249,39 @@ def small_shard(tmp_path_factory) -> Path:
     return shard
 
 
+def test_cached_features_hold_every_row_to_a_direct_encode(demo_model, classifier, small_shard):
+    """encode_features keeps each text's own pooled features, in order, though the text tower runs the batch in two
+    parts (short and long texts apart); each image's row is the ImageNet network's pooled features."""
+    from open_clip.transform import image_transform
+
+    from training.data import SkipCounter, iterate_samples
+    from training.demo.cached import encode_features
+    from training.demo.model import IMAGE_MEAN, IMAGE_SIZE, IMAGE_STD, tokenizer
+    from training.text_tower import split
+
+    transform, tok = image_transform(IMAGE_SIZE, is_train=False, mean=IMAGE_MEAN, std=IMAGE_STD), tokenizer()
+    long = ["a photo of " + "two red apples & a pear on a wooden table, " * 6 + "at dusk", "A yak."]
+    features = encode_features(demo_model, transform, tok, [str(small_shard)], extra_texts=long, progress=False)
+    pad = demo_model.text.config.pad_token_id
+    lengths = sorted(int((ids != pad).sum()) for ids in tok(features.texts))
+    assert split(lengths) is not None  # the batch does run in two parts
+    assert len(features.text) == len(features.texts) == len(set(features.texts))
+    with torch.no_grad():
+        for row, text in zip(features.text, features.texts):
+            ids = tok([text])
+            mask = (ids != pad).long()
+            direct = demo_model.text.pooler(demo_model.text.transformer(input_ids=ids, attention_mask=mask), mask)
+            torch.testing.assert_close(row, direct[0], rtol=1e-4, atol=1e-5, msg=text)
+        samples = list(iterate_samples([str(small_shard)], SkipCounter()))
+        pixels = torch.stack([transform(s.image) for s in samples])
+        reference = classifier.forward_head(classifier.forward_features(pixels), pre_logits=True)
+    torch.testing.assert_close(features.image, reference, rtol=1e-4, atol=1e-4)
+    for name, rows in features.index.items():  # every sample's field points at its own text
+        expected = [getattr(s, name) if name in ("alt", "desc", "neg_desc") else ", ".join(getattr(s, name) or ())
+                    for s in samples]
+        assert [features.texts[i] for i in rows] == expected
+
+
 def test_cached_step_equals_the_training_loop_step(demo_model, small_shard):
     """training/demo/cached.py: loss terms and projection gradients equal training/train.py's on the full model."""
     from open_clip.transform import image_transform
@@ -358,3 +391,4 @@ def test_exported_demo_model_matches_torch(tmp_path):
         tags_torch = TagTower(head)(torch.from_numpy(image_onnx)).numpy()
     np.testing.assert_allclose(tags_onnx, tags_torch, atol=1e-5)
     assert math.isclose(manifest.logit_scale, float(model.logit_scale.exp()), rel_tol=1e-6)
+
