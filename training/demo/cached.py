@@ -24,6 +24,7 @@ from torch import nn
 
 from training.config import TrainConfig
 from training.data import SkipCounter, iterate_samples
+from training.demo.distill import Distillation
 from training.losses import HQCLIPLoss
 from training.tag_head import TagHead
 from training.text_tower import encode_pooled
@@ -138,11 +139,14 @@ def multi_hot(tags: list[list[str]], vocab: Vocabulary) -> torch.Tensor:
 
 
 def train_heads(features: Features, cfg: TrainConfig, embed_dim: int, progress: bool = True,
-                vocab: Vocabulary | None = None) -> tuple[Heads, Vocabulary | None, list[dict]]:
+                vocab: Vocabulary | None = None, distill: Distillation | None = None
+                ) -> tuple[Heads, Vocabulary | None, list[dict]]:
     """Train :class:`Heads` on one split's features with the HQ-CLIP objective of ``cfg``; (heads, vocab, log).
 
     Uses ``cfg.loss``, ``cfg.optim``, ``cfg.data.batch_size/p_desc/p_neg_desc/vocab_*`` and ``cfg.run.seed``;
     batches are drawn without replacement, epoch after epoch, from a generator seeded by ``cfg.run.seed``.
+    With ``distill`` (training/demo/distill.py), its weighted loss is added at every step (log key ``distill``);
+    it draws its images from its own generator, so the HQ-CLIP batches are the same with or without it.
     """
     from tqdm import tqdm
 
@@ -174,6 +178,9 @@ def train_heads(features: Features, cfg: TrainConfig, embed_dim: int, progress: 
         terms = loss_fn(image, heads.embed_texts(features.text[positive]), heads.logit_scale.exp(),
                         heads.embed_texts(features.text[negative]) if use_hni else None,
                         heads.tag_head(image) if use_stc else None, targets[rows] if use_stc else None)
+        if distill is not None and distill.cfg.weight > 0:
+            terms["distill"] = distill.loss(heads)
+            terms["loss"] = terms["loss"] + distill.cfg.weight * terms["distill"]
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         if cfg.optim.grad_clip:
