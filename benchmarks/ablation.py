@@ -5,10 +5,11 @@
 
 Same data (the demo's Tux Paint + emoji training split), same model (frozen EfficientNet-Lite0 and MiniLM
 towers, trained projections; training/demo/cached.py), same steps and settings (training/demo/build.py's
-DEMO_OVERRIDES plus any overrides given here) and the same seeds for every variant; only lambda_hni and
-lambda_stc change. Metrics on the held-out split (training/demo/cached.py: evaluate_heads), mean +- sample std
-over seeds, printed as a markdown table. Builds the data and tower features first if they are missing
-(the slow part, shared with `hqclip demo build`). Results and discussion: docs/ablation.md.
+DEMO_OVERRIDES plus any overrides given here, e.g. distill.weight=1 for the ImageNet-head distillation)
+and the same seeds for every variant; only lambda_hni and lambda_stc change. Metrics on the held-out split and the
+held-out photos (training/demo/build.py: train_demo_heads), mean +- sample std over seeds, printed as a markdown
+table. Builds the data and tower features first if they are missing (the slow part, shared with
+`hqclip demo build`). Results and discussion: docs/ablation.md.
 """
 
 from __future__ import annotations

