@@ -390,7 +390,7 @@ def test_exported_demo_model_matches_torch(tmp_path):
     with torch.no_grad():
         tags_torch = TagTower(head)(torch.from_numpy(image_onnx)).numpy()
     np.testing.assert_allclose(tags_onnx, tags_torch, atol=1e-5)
-    assert math.isclose(manifest.logit_scale, float(model.logit_scale.exp()), rel_tol=1e-6)
+    assert math.isclose(manifest.logit_scale, float(model.logit_scale.detach().exp()), rel_tol=1e-6)
 
 
 # --- real photos and distillation from the ImageNet head -------------------------------------------------------

@@ -91,16 +91,16 @@ def encode_photo_features(model, transform, tokenizer, crops_per_photo: int = 24
 
     from training.text_tower import encode_pooled
 
-    model.eval()
-    pending = [(name, crop) for name in TRAINING for crop in crops(load(name), crops_per_photo, name)]
-    pending += [(name, load(name)) for name in HELDOUT]
+    model.eval()  # photos go to pixels at once: a few hundred crops of 4-megapixel photos would take gigabytes
+    pending = [(name, transform(crop)) for name in TRAINING for crop in crops(load(name), crops_per_photo, name)]
+    pending += [(name, transform(load(name))) for name in HELDOUT]
     classes = list(range(1000)) if classes is None else list(classes)
     texts = list(dict.fromkeys(imagenet_prompts(classes) + heldout_prompts()))
     bar = tqdm(total=len(pending) + len(texts), desc="photo features", unit="item", disable=not progress)
     image_rows, text_rows = [], []
     for start in range(0, len(pending), batch_size):
         chunk = pending[start:start + batch_size]
-        image_rows.append(model.visual.trunk(torch.stack([transform(image) for _, image in chunk])).float())
+        image_rows.append(model.visual.trunk(torch.stack([pixels for _, pixels in chunk])).float())
         bar.update(len(chunk))
     for start in range(0, len(texts), batch_size * 4):
         chunk = texts[start:start + batch_size * 4]
