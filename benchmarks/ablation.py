@@ -5,10 +5,11 @@
 
 Same data (the demo's Tux Paint + emoji training split), same model (frozen EfficientNet-Lite0 and MiniLM
 towers, trained projections; training/demo/cached.py), same steps and settings (training/demo/build.py's
-DEMO_OVERRIDES plus any overrides given here) and the same seeds for every variant; only lambda_hni and
-lambda_stc change. Metrics on the held-out split (training/demo/cached.py: evaluate_heads), mean +- sample std
-over seeds, printed as a markdown table. Builds the data and tower features first if they are missing
-(the slow part, shared with `hqclip demo build`). Results and discussion: docs/ablation.md.
+DEMO_OVERRIDES plus any overrides given here, e.g. distill.weight=1 for the ImageNet-head distillation)
+and the same seeds for every variant; only lambda_hni and lambda_stc change. Metrics on the held-out split and the
+held-out photos (training/demo/build.py: train_demo_heads), mean +- sample std over seeds, printed as a markdown
+table. Builds the data and tower features first if they are missing (the slow part, shared with
+`hqclip demo build`). Results and discussion: docs/ablation.md.
 """
 
 from __future__ import annotations
@@ -31,24 +32,18 @@ VARIANTS = {  # name -> (HNI on, STC on); "on" = the weight of the demo config (
 }
 COLUMNS = {"zeroshot_top1": "zero-shot top-1", "alt_i2t_R@1": "I→T R@1", "alt_i2t_R@5": "I→T R@5",
            "alt_t2i_R@1": "T→I R@1", "alt_t2i_R@5": "T→I R@5", "hardneg_acc_desc": "hard-neg acc (desc)",
-           "hardneg_acc_tags": "hard-neg acc (tags)"}
+           "hardneg_acc_tags": "hard-neg acc (tags)", "photo_top1_10way": "photos top-1 (10-way)"}
 
 
 def _one(task: tuple) -> dict:
     """Train and evaluate one (variant, seed) in this process (a worker of --jobs)."""
-    import torch
-
-    from training.demo.build import demo_config
-    from training.demo.cached import Features, evaluate_heads, train_heads
-    from training.demo.model import EMBED_DIM
+    from training.demo.build import demo_config, train_demo_heads
 
     paths, templates, overrides, hni, stc, seed = task
-    torch.set_num_threads(1)  # small matmuls: a second thread waits more than it helps on busy cores
-    cfg = demo_config([*overrides, f"loss.lambda_hni={hni}", f"loss.lambda_stc={stc}", f"run.seed={seed}"])
+    overrides = [*overrides, f"loss.lambda_hni={hni}", f"loss.lambda_stc={stc}", f"run.seed={seed}"]
     started = time.perf_counter()
-    heads, vocab, _ = train_heads(Features.load(paths["train"]), cfg, EMBED_DIM, progress=False)
-    metrics = evaluate_heads(heads, Features.load(paths["heldout"]), templates, vocab)
-    return metrics | {"train_s": time.perf_counter() - started, "steps": cfg.optim.steps}
+    metrics = train_demo_heads(paths, templates, overrides, progress=False)[3]
+    return metrics | {"train_s": time.perf_counter() - started, "steps": demo_config(overrides).optim.steps}
 
 
 def run(seeds: int, work: Path, overrides: list[str], jobs: int = 1) -> dict:
@@ -66,8 +61,11 @@ def run(seeds: int, work: Path, overrides: list[str], jobs: int = 1) -> dict:
         hni, stc = defaults.lambda_hni * use_hni, defaults.lambda_stc * use_stc
         for seed in range(seeds):
             tasks[(name, seed)] = (paths, templates, overrides, hni, stc, seed)
-    with ProcessPoolExecutor(jobs) as pool:
-        outcomes = dict(zip(tasks, pool.map(_one, tasks.values())))
+    if jobs == 1:  # in this process
+        outcomes = {key: _one(task) for key, task in tasks.items()}
+    else:
+        with ProcessPoolExecutor(jobs) as pool:
+            outcomes = dict(zip(tasks, pool.map(_one, tasks.values())))
     results: dict = {"variants": {}, "seeds": list(range(seeds)), "overrides": overrides,
                      "train_images": len(Features.load(paths["train"]).keys),
                      "heldout_images": len(Features.load(paths["heldout"]).keys)}

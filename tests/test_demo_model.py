@@ -250,6 +250,39 @@ def small_shard(tmp_path_factory) -> Path:
     return shard
 
 
+def test_cached_features_hold_every_row_to_a_direct_encode(demo_model, classifier, small_shard):
+    """encode_features keeps each text's own pooled features, in order, though the text tower runs the batch in two
+    parts (short and long texts apart); each image's row is the ImageNet network's pooled features."""
+    from open_clip.transform import image_transform
+
+    from training.data import SkipCounter, iterate_samples
+    from training.demo.cached import encode_features
+    from training.demo.model import IMAGE_MEAN, IMAGE_SIZE, IMAGE_STD, tokenizer
+    from training.text_tower import split
+
+    transform, tok = image_transform(IMAGE_SIZE, is_train=False, mean=IMAGE_MEAN, std=IMAGE_STD), tokenizer()
+    long = ["a photo of " + "two red apples & a pear on a wooden table, " * 6 + "at dusk", "A yak."]
+    features = encode_features(demo_model, transform, tok, [str(small_shard)], extra_texts=long, progress=False)
+    pad = demo_model.text.config.pad_token_id
+    lengths = sorted(int((ids != pad).sum()) for ids in tok(features.texts))
+    assert split(lengths) is not None  # the batch does run in two parts
+    assert len(features.text) == len(features.texts) == len(set(features.texts))
+    with torch.no_grad():
+        for row, text in zip(features.text, features.texts):
+            ids = tok([text])
+            mask = (ids != pad).long()
+            direct = demo_model.text.pooler(demo_model.text.transformer(input_ids=ids, attention_mask=mask), mask)
+            torch.testing.assert_close(row, direct[0], rtol=1e-4, atol=1e-5, msg=text)
+        samples = list(iterate_samples([str(small_shard)], SkipCounter()))
+        pixels = torch.stack([transform(s.image) for s in samples])
+        reference = classifier.forward_head(classifier.forward_features(pixels), pre_logits=True)
+    torch.testing.assert_close(features.image, reference, rtol=1e-4, atol=1e-4)
+    for name, rows in features.index.items():  # every sample's field points at its own text
+        expected = [getattr(s, name) if name in ("alt", "desc", "neg_desc") else ", ".join(getattr(s, name) or ())
+                    for s in samples]
+        assert [features.texts[i] for i in rows] == expected
+
+
 def test_cached_step_equals_the_training_loop_step(demo_model, small_shard):
     """training/demo/cached.py: loss terms and projection gradients equal training/train.py's on the full model."""
     from open_clip.transform import image_transform
@@ -354,4 +387,106 @@ def test_exported_demo_model_matches_torch(tmp_path):
     with torch.no_grad():
         tags_torch = TagTower(head)(torch.from_numpy(image_onnx)).numpy()
     np.testing.assert_allclose(tags_onnx, tags_torch, atol=1e-5)
-    assert math.isclose(manifest.logit_scale, float(model.logit_scale.exp()), rel_tol=1e-6)
+    assert math.isclose(manifest.logit_scale, float(model.logit_scale.detach().exp()), rel_tol=1e-6)
+
+
+# --- real photos and distillation from the ImageNet head -------------------------------------------------------
+
+
+def test_photo_sets_load_and_stay_apart():
+    from training.demo.photos import HELDOUT, TRAINING, crops, load
+
+    assert not set(HELDOUT) & set(TRAINING)
+    for name in [*HELDOUT, *TRAINING]:
+        image = load(name)
+        assert image.mode == "RGB" and min(image.size) >= 256, name
+    image = load(TRAINING[0])
+    first, again = crops(image, 4, "seed"), crops(image, 4, "seed")
+    assert [c.size for c in first] == [c.size for c in again] and first[0].tobytes() == again[0].tobytes()
+    assert all(c.width <= image.width and c.height <= image.height and c.width * c.height >= 0.05 * image.width
+               * image.height for c in first)
+
+
+def test_teacher_is_the_imagenet_head_on_trunk_features(demo_model, classifier):
+    """The distillation teacher, applied to the cached trunk features, is the ImageNet classifier itself."""
+    from training.demo.distill import teacher_head
+
+    weight, bias = teacher_head()
+    pixels = torch.cat([_pixels(photo("chelsea")), _pixels(photo("coffee"))])
+    with torch.no_grad():
+        torch.testing.assert_close(demo_model.visual.trunk(pixels) @ weight.T + bias, classifier(pixels),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_photo_accuracy_in_problems_of_ten_classes():
+    """evaluate_photos: top-1 among all classes, and the exact expected top-1 among the truth and 9 random others."""
+    from math import comb
+
+    from hqclip.repo.prompts import DEFAULT_TEMPLATES
+    from training.demo.cached import Heads
+    from training.demo.distill import PhotoFeatures, evaluate_photos, heldout_prompts
+    from training.demo.photos import HELDOUT
+
+    classes = sorted(set(HELDOUT.values()))
+    heads = Heads(len(classes), len(classes), len(classes))
+    with torch.no_grad():
+        heads.image_proj.weight.copy_(torch.eye(len(classes)))
+        heads.text_proj.weight.copy_(torch.eye(len(classes)))
+    text = torch.eye(len(classes)).repeat_interleave(len(DEFAULT_TEMPLATES), 0)  # class-major, as the prompts
+    image = torch.cat([torch.eye(len(classes)), torch.eye(len(classes))[[2]]])  # one right photo per class ...
+    image[-1, 3] = 0.5  # ... and one of class 3 that looks more like class 2: one class above the truth
+    photos = PhotoFeatures(crops=torch.zeros(0, len(classes)), crop_sources=[], heldout=image,
+                           heldout_names=[str(i) for i in range(len(image))], heldout_labels=[*classes, classes[3]],
+                           classes=[], texts=heldout_prompts(), text=text)
+    got = evaluate_photos(heads, photos)
+    n, others = len(image), len(classes) - 1
+    assert got["photos"] == n and got["photo_classes"] == len(classes) > 10
+    assert got["photo_top1"] == pytest.approx((n - 1) / n)
+    assert got["photo_top1_10way"] == pytest.approx((n - 1 + comb(others - 1, 9) / comb(others, 9)) / n)
+
+
+@pytest.fixture(scope="module")
+def small_demo(tmp_path_factory) -> Path:
+    """A demo work folder (``build/demo``'s layout) from a 1-in-25 subset of the stamps and emoji, one crop per
+    training photo and 20 ImageNet classes: the real steps, small enough to retrain in CI."""
+    from training.demo.build import build_photo_features
+    from training.demo.data import emoji_sources, stamp_sources, write_shards
+
+    work = tmp_path_factory.mktemp("demo-work")
+    counts = write_shards(work / "data", progress=False, sources=stamp_sources()[::25] + emoji_sources()[::25])
+    assert counts["train"] and counts["heldout"]
+    build_photo_features(work, crops_per_photo=1, classes=list(range(0, 1000, 50)))
+    return work
+
+
+RETRAIN = ["optim.steps=5", "optim.warmup_steps=1", "data.batch_size=32", "data.vocab_min_count=1",
+           "distill.weight=1", "distill.batch_size=32"]
+
+
+@pytest.mark.slow
+def test_demo_build_retrain_end_to_end(small_demo, tmp_path):
+    """`hqclip demo build --retrain`'s path: features, heads trained with distillation, metrics, export."""
+    from hqclip.repo.manifest import load_manifest
+    from training.demo.build import HEADS_FILE, build
+
+    weights = tmp_path / "weights"
+    manifest = build(out=tmp_path / "repo", work=small_demo, retrain=True, overrides=RETRAIN, weights=weights)
+    assert {p.name for p in weights.iterdir()} == {HEADS_FILE, "vocab.json", "metrics.json"}
+    report = json.loads((weights / "metrics.json").read_text())
+    assert report["final_loss"]["step"] == 5 and report["final_loss"]["distill"] > 0
+    assert report["config"]["distill"]["batch_size"] == 32
+    metrics = report["heldout"]
+    assert metrics["samples"] > 0 and 0 <= metrics["photo_top1_10way"] <= 1 and metrics["photos"] >= 25
+    assert load_manifest(manifest.parent, "demo", verify=True).tags is not None
+
+
+@pytest.mark.slow
+def test_ablation_runs_on_cached_features(small_demo, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import ablation
+
+    results = ablation.run(1, small_demo, RETRAIN, jobs=1)
+    assert set(results["variants"]) == set(ablation.VARIANTS)
+    for variant in results["variants"].values():
+        assert len(variant["runs"]) == 1 and "photo_top1_10way" in variant["runs"][0]
+    assert "| + HNI + STC (HQ-CLIP) |" in ablation.to_markdown(results)

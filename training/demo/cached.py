@@ -24,9 +24,10 @@ from torch import nn
 
 from training.config import TrainConfig
 from training.data import SkipCounter, iterate_samples
+from training.demo.distill import Distillation
 from training.losses import HQCLIPLoss
 from training.tag_head import TagHead
-from training.text_tower import encode_text
+from training.text_tower import encode_pooled
 from training.train import param_groups, seed_everything, warmup_cosine
 from training.vocab import Vocabulary, build_vocabulary
 
@@ -61,16 +62,14 @@ class Features:
         return self.text[[where[t] for t in texts]]
 
 
-def _capture_input(module: nn.Module, store: dict, name: str):
-    return module.register_forward_hook(lambda _m, args, _out: store.__setitem__(name, args[0].detach()))
-
-
 @torch.no_grad()
 def encode_features(model: nn.Module, transform, tokenizer, urls: list[str], extra_texts: Iterable[str] = (),
                     batch_size: int = 32, progress: bool = True) -> Features:
     """Run the frozen towers of an open_clip timm + Hugging Face model over shards; keep the projections' inputs.
 
-    Text batches are cut after their longest text: the HF tower masks padding, so the result is the same.
+    Images: the timm trunk's pooled output. Texts: the HF tower's pooled output through ``encode_text``'s path
+    (:func:`training.text_tower.encode_pooled`: batches cut after their longest text and split by length, rows
+    back in input order), so every row is the text's own features whatever the batch around it.
     """
     from tqdm import tqdm
 
@@ -79,26 +78,18 @@ def encode_features(model: nn.Module, transform, tokenizer, urls: list[str], ext
     if not samples:
         raise ValueError(f"no usable samples in {urls} (skipped: {dict(counter.counts)})")
     model.eval()
-    store: dict[str, torch.Tensor] = {}
-    hooks = [_capture_input(model.visual.head, store, "image"), _capture_input(model.text.proj, store, "text")]
     texts = list(dict.fromkeys([t for s in samples for t in _texts(s)] + list(extra_texts)))
-    try:
-        image_rows, text_rows = [], []
-        bar = tqdm(total=len(samples) + len(texts), desc="tower features", unit="item", disable=not progress)
-        for start in range(0, len(samples), batch_size):
-            chunk = samples[start:start + batch_size]
-            model.encode_image(torch.stack([transform(s.image) for s in chunk]))
-            image_rows.append(store["image"].float())
-            bar.update(len(chunk))
-        for start in range(0, len(texts), batch_size * 4):
-            chunk = texts[start:start + batch_size * 4]
-            encode_text(model, tokenizer(chunk))
-            text_rows.append(store["text"].float())
-            bar.update(len(chunk))
-        bar.close()
-    finally:
-        for hook in hooks:
-            hook.remove()
+    image_rows, text_rows = [], []
+    bar = tqdm(total=len(samples) + len(texts), desc="tower features", unit="item", disable=not progress)
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        image_rows.append(model.visual.trunk(torch.stack([transform(s.image) for s in chunk])).float())
+        bar.update(len(chunk))
+    for start in range(0, len(texts), batch_size * 4):
+        chunk = texts[start:start + batch_size * 4]
+        text_rows.append(encode_pooled(model, tokenizer(chunk)).float())
+        bar.update(len(chunk))
+    bar.close()
     where = {t: i for i, t in enumerate(texts)}
     index = {name: torch.tensor([where[_texts(s)[k]] for s in samples]) for k, name in enumerate(TEXT_FIELDS)}
     return Features(
@@ -148,11 +139,14 @@ def multi_hot(tags: list[list[str]], vocab: Vocabulary) -> torch.Tensor:
 
 
 def train_heads(features: Features, cfg: TrainConfig, embed_dim: int, progress: bool = True,
-                vocab: Vocabulary | None = None) -> tuple[Heads, Vocabulary | None, list[dict]]:
+                vocab: Vocabulary | None = None, distill: Distillation | None = None
+                ) -> tuple[Heads, Vocabulary | None, list[dict]]:
     """Train :class:`Heads` on one split's features with the HQ-CLIP objective of ``cfg``; (heads, vocab, log).
 
     Uses ``cfg.loss``, ``cfg.optim``, ``cfg.data.batch_size/p_desc/p_neg_desc/vocab_*`` and ``cfg.run.seed``;
     batches are drawn without replacement, epoch after epoch, from a generator seeded by ``cfg.run.seed``.
+    With ``distill`` (training/demo/distill.py), its weighted loss is added at every step (log key ``distill``);
+    it draws its images from its own generator, so the HQ-CLIP batches are the same with or without it.
     """
     from tqdm import tqdm
 
@@ -184,6 +178,9 @@ def train_heads(features: Features, cfg: TrainConfig, embed_dim: int, progress: 
         terms = loss_fn(image, heads.embed_texts(features.text[positive]), heads.logit_scale.exp(),
                         heads.embed_texts(features.text[negative]) if use_hni else None,
                         heads.tag_head(image) if use_stc else None, targets[rows] if use_stc else None)
+        if distill is not None and distill.cfg.weight > 0:
+            terms["distill"] = distill.loss(heads)
+            terms["loss"] = terms["loss"] + distill.cfg.weight * terms["distill"]
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         if cfg.optim.grad_clip:

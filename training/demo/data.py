@@ -175,9 +175,10 @@ def annotated_samples(sources: list[Source]) -> Iterator[tuple[Source, Image.Ima
         yield source, square(source.load()), meta
 
 
-def write_shards(out_dir: Path, progress: bool = True) -> dict[str, int]:
+def write_shards(out_dir: Path, progress: bool = True, sources: list[Source] | None = None) -> dict[str, int]:
     """Write ``train-*.tar``, ``heldout-*.tar`` and ``classes.json`` into ``out_dir``; return sample counts.
 
+    ``sources``: every stamp and emoji by default (a subset makes a small demo data set, as the tests do).
     Writes into a temporary folder and renames it at the end, so a folder that exists is complete.
     """
     import webdataset as wds
@@ -186,7 +187,7 @@ def write_shards(out_dir: Path, progress: bool = True) -> dict[str, int]:
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    sources = stamp_sources() + emoji_sources()
+    sources = stamp_sources() + emoji_sources() if sources is None else sources
     writers = {split: wds.ShardWriter(str(tmp / f"{split}-%06d.tar"), maxcount=SHARD_SIZE, verbose=0)
                for split in ("train", "heldout")}
     counts = {"train": 0, "heldout": 0}

@@ -1,0 +1,105 @@
+"""Real photos for the demo model, all offline: unlabelled ones to distil on, and a held-out set labelled by hand.
+
+Sources (nothing downloaded at run time):
+- scikit-image's bundled photos (``skimage.data``), scikit-learn's two sample images, matplotlib's Grace Hopper;
+- Debian ``mate-backgrounds``: the nature photos (``/usr/share/backgrounds/mate/nature``);
+- Debian ``tuxpaint-data``: Tux Paint's photo templates (``/usr/share/tuxpaint/templates``).
+
+:data:`HELDOUT` holds the photos with a subject a person names at a glance, labelled by hand from the file name
+and a look at the picture (``LadyBird.jpg``: a ladybug; ``trees_at_dusk.jpg``: a tree). They are never trained
+on, not even as crops. :data:`TRAINING` holds the rest (bark, rock, gravel, machinery, the Hubble deep field...):
+training sees only random crops of those, without labels (the ImageNet head labels them: training/demo/distill.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+
+from PIL import Image
+
+MATE_DIR = Path("/usr/share/backgrounds/mate/nature")
+TEMPLATES_DIR = Path("/usr/share/tuxpaint/templates")
+APT_PACKAGES = ("mate-backgrounds", "tuxpaint-data")
+
+# photo -> class, by hand. Sources: "skimage:<name>", "sklearn:<file>", "matplotlib:<file>", "mate:<file>",
+# "tuxpaint:<file>".
+HELDOUT = {
+    "skimage:chelsea": "cat",
+    "skimage:coffee": "cup of coffee",
+    "skimage:astronaut": "person",
+    "skimage:camera": "person",
+    "matplotlib:grace_hopper.jpg": "person",
+    "skimage:rocket": "rocket",
+    "skimage:coins": "coin",
+    "sklearn:flower.jpg": "flower",
+    "mate:FreshFlower.jpg": "flower",
+    "mate:Garden.jpg": "flower",
+    "mate:YellowFlower.jpg": "flower",
+    "mate:LadyBird.jpg": "ladybug",
+    "mate:GreenMeadow.jpg": "grass",
+    "skimage:grass": "grass",
+    "mate:Blinds.jpg": "leaf",
+    "mate:RainDrops.jpg": "leaf",
+    "tuxpaint:sun_behind_leaves.jpg": "leaf",
+    "mate:Storm.jpg": "cloudy sky",
+    "tuxpaint:sun_behind_clouds.jpg": "cloudy sky",
+    "sklearn:china.jpg": "building",
+    "tuxpaint:lighthouse.jpg": "building",
+    "tuxpaint:sheep.jpg": "sheep",
+    "tuxpaint:jellyfish.jpg": "jellyfish",
+    "tuxpaint:ocean_waves.jpg": "sea",
+    "tuxpaint:ocean_splash.jpg": "sea",
+    "tuxpaint:redwoods_above.jpg": "tree",
+    "tuxpaint:trees_above.jpg": "tree",
+    "tuxpaint:trees_at_dusk.jpg": "tree",
+    "skimage:moon": "moon",
+}
+TRAINING = (
+    "tuxpaint:burnt_bark.jpg", "tuxpaint:mossy_bark.jpg", "tuxpaint:mossy_log.jpg", "tuxpaint:mudstone.jpg",
+    "tuxpaint:rocks.jpg", "tuxpaint:cliff.jpg", "tuxpaint:corn_maze.jpg", "tuxpaint:wool_mill_machine.jpg",
+    "tuxpaint:spiders_web.jpg", "mate:Aqua.jpg", "mate:Dune.jpg", "mate:TwoWings.jpg", "mate:Wood.jpg",
+    "skimage:gravel", "skimage:brick", "skimage:hubble_deep_field", "skimage:retina",
+)
+PROBLEM_SIZE = 10  # the headline metric: top-1 in problems of this many classes (docs/demo-model.md)
+
+
+def load(name: str) -> Image.Image:
+    """The RGB photo called ``name`` ("<source>:<name>", see :data:`HELDOUT`)."""
+    source, _, item = name.partition(":")
+    if source == "skimage":
+        from skimage import data
+
+        array = getattr(data, item)()
+        return Image.fromarray(array[..., :3] if array.ndim == 3 else array).convert("RGB")
+    if source == "sklearn":
+        from sklearn.datasets import load_sample_image
+
+        return Image.fromarray(load_sample_image(item)).convert("RGB")
+    if source == "matplotlib":
+        import matplotlib
+
+        return Image.open(Path(matplotlib.get_data_path()) / "sample_data" / item).convert("RGB")
+    folder = {"mate": MATE_DIR, "tuxpaint": TEMPLATES_DIR}.get(source)
+    if folder is None:
+        raise ValueError(f"unknown photo source in {name!r}: skimage, sklearn, matplotlib, mate or tuxpaint")
+    if not (folder / item).is_file():
+        raise FileNotFoundError(f"{folder / item} is missing: apt-get install {' '.join(APT_PACKAGES)}")
+    return Image.open(folder / item).convert("RGB")
+
+
+def crops(image: Image.Image, count: int, seed: str, min_area: float = 0.1) -> list[Image.Image]:
+    """``count`` random crops (area ``min_area``-1 of the photo, aspect 3/4-4/3, half of them mirrored), seeded by
+    ``seed``: the same crops on every build."""
+    rng = random.Random(int(hashlib.sha256(seed.encode()).hexdigest()[:16], 16))
+    out = []
+    for _ in range(count):
+        area = image.width * image.height * rng.uniform(min_area, 1.0)
+        aspect = rng.uniform(3 / 4, 4 / 3)
+        width = min(image.width, round((area * aspect) ** 0.5))
+        height = min(image.height, round((area / aspect) ** 0.5))
+        left, top = rng.randint(0, image.width - width), rng.randint(0, image.height - height)
+        crop = image.crop((left, top, left + width, top + height))
+        out.append(crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else crop)
+    return out
