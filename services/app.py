@@ -26,7 +26,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
     engine = Engine(settings, metrics)
-    index = CollectionManager(settings.index, engine.manifest.name, engine.manifest.embed_dim)
+    index = CollectionManager(settings.index, engine.manifest.name, engine.manifest.embed_dim,
+                              engine.manifest.fingerprint)
     refiner = RefineClient.from_settings(settings.refine) if settings.refine.urls else None
 
     @asynccontextmanager
