@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
@@ -248,23 +247,9 @@ class SearchRequest(BaseModel):
         return self
 
 
-class SearchHit(BaseModel):
-    id: str
-    score: float
-    uri: str | None
-    caption: str | None
-    tags: list[str]
-    attributes: dict[str, Any]
-    created: float
-
-    @classmethod
-    def of(cls, hit: Hit) -> SearchHit:
-        return cls(**asdict(hit))
-
-
 class SearchResponse(BaseModel):
     collection: str
-    results: list[SearchHit]
+    results: list[Hit] = Field(description="Best first: id, score (cosine), uri, caption, tags, attributes, created.")
     top_k: int
     offset: int
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-pytest_plugins = ["tests.servers.vllm"]  # vllm_server(s): real vLLM servers for the refinement tests
+pytest_plugins = ["tests.servers.vllm", "tests.servers.milvus"]  # real vLLM servers (refinement), Milvus (collections)
 ROOT = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT_S = 120
 TAG_VOCABULARY = ("cat", "astronaut", "coffee", "rocket", "sky", "grass", "red", "metal")

@@ -316,4 +316,8 @@ class MilvusCatalog(Catalog):
 
     def close(self) -> None:
         self.client.close()
+        if "://" not in self.uri:  # milvus-lite runs inside this process: stop it, releasing the file's lock
+            from milvus_lite.server_manager import server_manager_instance
+
+            server_manager_instance.release_server(self.uri)
 

@@ -40,7 +40,6 @@ from services.schemas import (
     DeleteItemsRequest,
     DeleteItemsResponse,
     ItemMetadata,
-    SearchHit,
     SearchRequest,
     SearchResponse,
     UpsertResponse,
@@ -324,7 +323,7 @@ async def search(collection: str, body: SearchRequest, request: Request) -> Resp
     filters = body.filters.to_filters() if body.filters else None
     with _domain_errors():
         results = await run_in_threadpool(target.search, query[None, :], body.top_k, body.offset, filters, body.id)
-    answer = SearchResponse(collection=collection, results=[SearchHit.of(h) for h in results[0]], top_k=body.top_k,
+    answer = SearchResponse(collection=collection, results=results[0], top_k=body.top_k,
                             offset=body.offset)
     # serialised here, once: FastAPI would validate the model again and walk it with jsonable_encoder (the
     # latency budget of a search is a few hundred microseconds)
