@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.servers.milvus import MilvusServer, index_env
+from tests.servers.milvus import index_env
 
 pytestmark = pytest.mark.slow
 
@@ -187,24 +187,22 @@ def test_kill_minus_nine_of_the_gateway_on_milvus(backend, gateway_factory, tmp_
         check_acknowledged_writes(client, kind, w)
 
 
-def test_kill_minus_nine_of_the_milvus_server(gateway_factory, tmp_path):
-    """The vector store dies mid-ingest: writes in flight fail (5xx), acknowledged ones are on its disk."""
-    server = MilvusServer(tmp_path / "milvus-data", tmp_path / "milvus.log").start()
-    try:
-        env = index_env("milvus-server", tmp_path / "collections", server)
-        gateway = gateway_factory(**env)
-        writers = start_writers(httpx.Client(base_url=gateway.url, timeout=60), gateway.url)
-        for w in writers.values():
-            w.wait_for(ACKED_BEFORE_KILL)
-        server.kill(signal.SIGKILL)
-        for w in writers.values():
-            w.join()
-        gateway.kill()  # its Milvus connection is to a dead server: no graceful stop to test here
+def test_kill_minus_nine_of_the_milvus_server(gateway_factory, tmp_path, milvus_server):
+    """The vector store dies mid-ingest: writes in flight fail (5xx), acknowledged ones are on its disk. The
+    session's server is restarted on the same data and port (one Milvus standalone per machine: its embedded
+    etcd's peer port is fixed)."""
+    env = index_env("milvus-server", tmp_path / "collections", milvus_server)
+    gateway = gateway_factory(**env)
+    writers = start_writers(httpx.Client(base_url=gateway.url, timeout=60), gateway.url)
+    for w in writers.values():
+        w.wait_for(ACKED_BEFORE_KILL)
+    milvus_server.kill(signal.SIGKILL)
+    for w in writers.values():
+        w.join()
+    gateway.kill()  # its Milvus connection is to a dead server: no graceful stop to test here
 
-        server.start()  # same data folder and port
-        restarted = gateway_factory(**env)
-        client = httpx.Client(base_url=restarted.url, timeout=60)
-        for kind, w in writers.items():
-            check_acknowledged_writes(client, kind, w)
-    finally:
-        server.kill()
+    milvus_server.start()  # same data folder and port
+    restarted = gateway_factory(**env)
+    client = httpx.Client(base_url=restarted.url, timeout=60)
+    for kind, w in writers.items():
+        check_acknowledged_writes(client, kind, w)

@@ -16,7 +16,7 @@ so an acknowledged upsert or delete is searchable at once (docs/retrieval.md, Du
 
 Index kinds: flat -> FLAT, hnsw -> HNSW (M, efConstruction; ef at search), ivfpq -> IVF_PQ (nlist, m, 8 bits;
 nprobe at search) whose ``rerank`` x k candidates are re-ranked exactly against the stored full vectors here, as
-the FAISS backend does (Milvus 2.3 has no refine step for IVF_PQ).
+the FAISS backend does (Milvus 2.3 has no refine step for IVF_PQ); milvus-lite has no IVF_PQ and gets IVF_SQ8.
 """
 
 from __future__ import annotations
@@ -96,9 +96,11 @@ def _id_list(ids: list[str]) -> str:
     return f"id in [{', '.join(quote(i) for i in ids)}]"
 
 
-def _index_params(spec: IndexSpec) -> tuple[str, dict[str, Any]]:
+def _index_params(spec: IndexSpec, lite: bool) -> tuple[str, dict[str, Any]]:
     if spec.kind == "hnsw":
         return "HNSW", {"M": spec.hnsw_m, "efConstruction": spec.ef_construction}
+    if spec.kind == "ivfpq" and lite:  # milvus-lite has no IVF_PQ: its nearest, 8-bit scalar codes in IVF lists
+        return "IVF_SQ8", {"nlist": spec.nlist}
     if spec.kind == "ivfpq":
         return "IVF_PQ", {"nlist": spec.nlist, "m": spec.subquantizers(), "nbits": PQ_BITS}
     return "FLAT", {}
@@ -282,7 +284,7 @@ class MilvusCatalog(Catalog):
                          max_length=TAG_BYTES)
         schema.add_field("attributes", DataType.JSON)
         schema.add_field("created", DataType.DOUBLE)
-        index_type, params = _index_params(info.spec)
+        index_type, params = _index_params(info.spec, lite="://" not in self.uri)
         index = self.client.prepare_index_params()
         index.add_index("vector", index_type=index_type, metric_type=_METRIC, params=params)
         self.client.create_collection(physical(name), schema=schema, index_params=index, consistency_level="Strong")
@@ -297,9 +299,20 @@ class MilvusCatalog(Catalog):
         out = {}
         for name in self._infos():
             if self.client.has_collection(physical(name)):
-                for alias in self.client.list_aliases(physical(name))["aliases"]:
+                for alias in self._aliases_of(physical(name)):
                     out[logical(alias)] = name
         return out
+
+    def _aliases_of(self, milvus_name: str) -> list[str]:
+        """A Milvus server lists a collection's aliases in its description (``list_aliases`` fails there outside
+        the default database); milvus-lite only through ``list_aliases``."""
+        described = self.client.describe_collection(milvus_name).get("aliases") or []
+        if described:
+            return list(described)
+        try:
+            return list(self.client.list_aliases(milvus_name)["aliases"])
+        except MilvusException:
+            return []
 
     def set_alias(self, alias: str, target: str) -> None:
         if not self.client.has_collection(physical(target)):

@@ -2,8 +2,9 @@
 the coordinators and nodes in one process group; minio replaced by local storage under ``--data``).
 
 Registered as a pytest plugin from tests/conftest.py. The server runs in its own process group and is stopped by
-killing the group: after SIGTERM alone its children may keep running. Each gateway gets a database of its own
-(``milvus_database``), so no test sees another's collections.
+killing the group: after SIGTERM alone its children may keep running. One per machine at a time: its embedded
+etcd's peer port (2380) is fixed, so a second server never gets ready (the readiness poll fails with the log).
+Each gateway gets a database of its own (``MilvusServer.database``), so no test sees another's collections.
 """
 
 from __future__ import annotations
