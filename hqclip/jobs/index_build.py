@@ -221,12 +221,13 @@ def build(source: Path, name: str, settings: Settings, kind: str = "auto", batch
                         batch = []
                 if batch:
                     await flush(batch)
+            count = collection.count  # before the close: a Milvus collection answers only while connected
         finally:
             collection.close(snapshot=True)
             catalog.close()
             await engine.close()
         for record_id in failed:
             log.warning("%s: not a decodable image; skipped", record_id)
-        return Summary(name, collection.spec.kind, collection.count, added, existing, failed)
+        return Summary(name, collection.spec.kind, count, added, existing, failed)
 
     return asyncio.run(run())
