@@ -23,8 +23,7 @@ import pytest
 from tests.conftest import free_port
 
 SERVER = Path(sys.executable).with_name("milvus-server")
-STARTUP_TIMEOUT_S = 600  # ~11 s on a quiet box; minutes on busy shared cores, and a restart after kill -9
-# first waits for the dead server's etcd sessions to expire
+STARTUP_TIMEOUT_S = 600  # ~11 s on a quiet box; minutes on busy shared cores
 
 
 class MilvusServer:
