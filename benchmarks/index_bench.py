@@ -14,6 +14,11 @@ Part 2, at ``--http-size``: those collections, loaded by a real gateway (uvicorn
 over HTTP with a vector, against the same index searched directly in this process with the same queries: p50/p99
 latency side by side, in alternating blocks so drift cancels.
 
+Part 3, with ``--backends faiss milvus`` at ``--backend-size``: the backend as a column. The same vectors go into a
+collection of each kind on each backend (FAISS + SQLite in the gateway; a Milvus standalone server started here from
+the ``milvus`` package, its index built before timing), then recall@10 against exact search and the p50 of single
+HTTP searches through a gateway serving that backend, in one run.
+
 Targets: HTTP p50 within 2 ms of FAISS direct; some kind with recall@10 >= 0.95 at 1M. Results go to
 benchmarks/RESULTS.md (``--out``).
 """
@@ -44,10 +49,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.results import record  # noqa: E402
-from services.index.store import Collection, Item  # noqa: E402
-from services.index.vectors import IndexSpec  # noqa: E402
-from services.settings import IndexParams  # noqa: E402
+from services.index.collection import Collection, IndexSpec, Info, Item  # noqa: E402
+from services.index.faiss_sqlite import FaissCollection  # noqa: E402
+from services.index.manager import open_catalog  # noqa: E402
+from services.settings import IndexParams, IndexSettings  # noqa: E402
 from testkit import gateway as gateways  # noqa: E402
+from testkit.milvus import MilvusServer  # noqa: E402
 from testkit.tiny import export_tiny_repo, write_tiny_checkpoint  # noqa: E402
 
 DIM = 512
@@ -86,7 +93,7 @@ def bench_kind(kind: str, n: int, queries: np.ndarray, truth: np.ndarray | None,
     spec = IndexSpec(**params.model_dump(exclude={"kind"}), kind=kind, dim=DIM)
     gc.collect()
     started = time.perf_counter()
-    collection = Collection.create(path, spec)
+    collection = FaissCollection.create(path, spec)
     for start, x in clustered_chunks(n, seed=1):
         collection.upsert([Item(id=f"v{start + i}", tags=[f"t{(start + i) % 10}"]) for i in range(len(x))], x)
     build_s = time.perf_counter() - started
@@ -168,7 +175,104 @@ def http_vs_direct(folder: Path, direct: dict[str, Collection], repo: Path | Non
     return rows
 
 
-def report(index_rows: list[dict], http_rows: list[dict], skipped: list[str], args) -> str:
+def _milvus_indexed(collection, n: int) -> float:
+    """Seal the Milvus collection's segments and wait (polling) until its index covers all ``n`` rows: searches
+    of growing segments are brute force, so timing before that would measure flat. Seconds it took."""
+    started = time.perf_counter()
+    client = collection.client
+    client.flush(collection.milvus_name)
+    while True:
+        done = client.describe_index(collection.milvus_name, "vector")
+        if done.get("indexed_rows", 0) >= n and done.get("pending_index_rows", 0) == 0:
+            return time.perf_counter() - started
+        time.sleep(0.5)
+
+
+def backend_rows(args, repo: Path | None, work: Path) -> list[dict]:
+    """Part 3: each kind on each backend, the same vectors and queries: build, recall@10, HTTP p50."""
+    n, params = args.backend_size, IndexParams()
+    queries = clustered(args.queries, seed=2)
+    _, truth = faiss.knn(queries, clustered(n, seed=1), K, metric=faiss.METRIC_INNER_PRODUCT)
+    repo = model_repo(repo, work)
+    server = MilvusServer(work / "milvus", work / "milvus.log").start() if "milvus" in args.backends else None
+    rows = []
+    try:
+        for backend in args.backends:
+            folder = work / f"backend-{backend}"
+            index = {"HQCLIP_INDEX__BACKEND": backend}
+            if backend == "milvus":
+                index["HQCLIP_INDEX__MILVUS_URI"] = server.uri
+            settings = IndexSettings(backend=backend, dir=folder, milvus_uri=server.uri if server else "unused.db",
+                                     gpu=False)
+            catalog = open_catalog(settings)
+            for kind in args.kinds:
+                spec = IndexSpec(**params.model_dump(exclude={"kind"}), kind=kind, dim=DIM)
+                started = time.perf_counter()
+                collection = catalog.create(kind, Info(spec, None, None, time.time()))
+                for start, x in clustered_chunks(n, seed=1):
+                    for at in range(0, len(x), 2000):  # 2k per request: a 10k-item gRPC message is ~25 MB
+                        part = x[at : at + 2000]
+                        collection.upsert([Item(id=f"v{start + at + i}", tags=[f"t{(start + at + i) % 10}"])
+                                           for i in range(len(part))], part)
+                indexed_s = _milvus_indexed(collection, n) if backend == "milvus" else 0.0
+                build_s = time.perf_counter() - started
+                collection.search(queries[:10], K)  # warm (Milvus: loads the index)
+                found = np.array([[int(h.id[1:]) for h in row] + [-1] * (K - len(row))
+                                  for row in collection.search(queries, K)])
+                rows.append({"backend": backend, "kind": kind, "n": n, "build_s": build_s, "indexed_s": indexed_s,
+                             "recall": recall(found, truth)})
+                print(rows[-1], flush=True)
+                collection.close(snapshot=True)
+            catalog.close()
+            gateway = gateways.start(repo, work / f"gateway-{backend}", HQCLIP_INDEX__DIR=str(folder), **index)
+            url = gateway.url
+            try:
+                connection = http.client.HTTPConnection(urlsplit(url).hostname, urlsplit(url).port, timeout=60)
+                for row in rows:
+                    if row["backend"] != backend:
+                        continue
+                    path = f"/v1/collections/{row['kind']}/search"
+                    bodies = [json.dumps({"vector": q.tolist(), "top_k": K}) for q in clustered(args.rounds, seed=3)]
+                    times = []
+                    for i, body in enumerate(bodies * 2):  # the first pass warms
+                        started = time.perf_counter()
+                        connection.request("POST", path, body, {"content-type": "application/json"})
+                        response = connection.getresponse()
+                        assert response.status == 200, response.read()
+                        response.read()
+                        if i >= len(bodies):
+                            times.append(time.perf_counter() - started)
+                    row["http_p50"], row["http_p99"] = percentile(times, 50), percentile(times, 99)
+                    print(row, flush=True)
+                connection.close()
+            finally:
+                gateway.stop()
+    finally:
+        if server is not None:
+            server.kill()
+    return rows
+
+
+def backend_report(rows: list[dict], args) -> list[str]:
+    from importlib.metadata import version
+
+    lines = ["", f"### Backends: FAISS vs Milvus standalone ({args.backend_size:,} vectors, the same vectors and "
+             f"queries, default index parameters; Milvus {version('milvus')} server from the `milvus` package, "
+             f"pymilvus {version('pymilvus')})", "",
+             "| backend | kind | vectors | build s | of which index wait s | recall@10 | HTTP p50 ms | HTTP p99 ms |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['backend']} | {r['kind']} | {r['n']:,} | {r['build_s']:.1f} | {r['indexed_s']:.1f} | "
+                     f"{r['recall']:.3f} | {r['http_p50']:.2f} | {r['http_p99']:.2f} |")
+    lines += ["", "build s: durable upserts of 2k items at a time through the collection interface (Milvus: then "
+              "flush and wait until its index covers every row); HTTP: single vector searches (top_k 10) over "
+              "keep-alive on localhost, after one warm-up pass. Milvus runs in its own processes (proxy, "
+              "coordinators, query and index nodes, etcd) on the same cores as the gateway.", ""]
+    return lines
+
+
+def report(index_rows: list[dict], http_rows: list[dict], skipped: list[str], args,
+           backends: list[dict] | None = None) -> str:
     cpu = f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}"
     lines = [
         "## Retrieval benchmark (benchmarks/index_bench.py)", "",
@@ -194,6 +298,8 @@ def report(index_rows: list[dict], http_rows: list[dict], skipped: list[str], ar
         verdict = "met" if top["recall"] >= 0.95 else "NOT met"
         lines.append(f"- Target recall@10 >= 0.95 at 1M (approximate kinds): {verdict} — best "
                      f"{top['kind']} {top['knob']}: {top['recall']:.3f} at {top['qps']:.0f} queries/s.")
+    if backends:
+        lines += backend_report(backends, args)
     if not http_rows:
         return "\n".join([*lines, ""])
     lines += ["", f"### Search latency: HTTP vs FAISS direct ({args.http_size:,} vectors, {args.rounds} single "
@@ -215,12 +321,15 @@ def report(index_rows: list[dict], http_rows: list[dict], skipped: list[str], ar
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[100_000, 1_000_000], help="Part 1; none: skip it.")
     parser.add_argument("--kinds", nargs="+", default=["flat", "hnsw", "ivfpq"], choices=["flat", "hnsw", "ivfpq"])
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--hnsw-max", type=int, default=100_000, help="Largest set hnsw is built for.")
     parser.add_argument("--http-size", type=int, default=100_000, help="A size of --sizes; 0 skips part 2.")
     parser.add_argument("--rounds", type=int, default=300, help="Single queries per kind in part 2.")
+    parser.add_argument("--backends", nargs="*", default=[], choices=["faiss", "milvus"],
+                        help="Part 3: these backends side by side at --backend-size (e.g. faiss milvus).")
+    parser.add_argument("--backend-size", type=int, default=100_000)
     parser.add_argument("--repo", type=Path, default=None, help="Model repository (default: export a tiny one).")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"),
                         help="Markdown file the report is appended to, as a section; '-' prints only.")
@@ -229,6 +338,7 @@ def main() -> None:
     queries = clustered(args.queries, seed=2)
     work = Path(tempfile.mkdtemp(prefix="index-bench-"))
     index_rows, skipped, hnsw_build, direct = [], [], {}, {}
+    backends = backend_rows(args, args.repo, work / "backends") if args.backends else []
     for n in args.sizes:
         truth = None  # flat (exact) runs first and gives it; without flat, faiss.knn does
         if "flat" not in args.kinds:
@@ -256,7 +366,7 @@ def main() -> None:
             gc.collect()
     http_rows = http_vs_direct(work / str(args.http_size), direct, args.repo, args.rounds) if direct else []
     shutil.rmtree(work)
-    text = report(index_rows, http_rows, skipped, args)
+    text = report(index_rows, http_rows, skipped, args, backends)
     print(text)
     if args.out != "-":
         record(text, args.out)

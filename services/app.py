@@ -28,7 +28,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics = Metrics()
     serving = Serving(settings, metrics)  # the engine, swapped by a reload
     manifest = serving.engine.manifest
-    index = CollectionManager(settings.index, manifest.name, manifest.embed_dim)
+    index = CollectionManager(settings.index)
     refiner = RefineClient.from_settings(settings.refine) if settings.refine.urls else None
 
     @asynccontextmanager

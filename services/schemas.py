@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from services.index.collection import Filters, Hit, Item
 
 EncodingFormat = Literal["float", "base64"]
 
@@ -143,3 +145,157 @@ class RefineResponse(BaseModel):
     data: list[RefinementData]
     model: str = Field(description="The LVLM that wrote the refinements.")
     latency_ms: float = Field(description="Time the whole request took in the gateway.")
+
+
+# === /v1/collections (services/routes/collections.py; the store keeps plain dataclasses: services/index/collection.py)
+MAX_TOP_K = 1000
+MAX_OFFSET = 10_000
+
+AttributeValue = str | int | float | bool | None
+
+
+class CreateCollectionRequest(BaseModel):
+    name: str = Field(description="1-64 letters, digits, '_', '.' or '-'.")
+    dim: int | None = Field(None, gt=0, description="Vector dimension; default: the served model's.")
+    index: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Index parameters overriding the HQCLIP_INDEX__* defaults: kind (flat, hnsw, ivfpq), hnsw_m, "
+        "ef_construction, ef_search, nlist, pq_m, nprobe, rerank.",
+    )
+
+
+class ItemMetadata(BaseModel):
+    """An item's metadata."""
+
+    id: str = Field(min_length=1, max_length=512)
+    uri: str | None = None
+    caption: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    attributes: dict[str, Any] = Field(default_factory=dict)
+
+    def to_item(self) -> Item:
+        return Item(self.id, self.uri, self.caption, list(self.tags), dict(self.attributes))
+
+
+class ItemIn(ItemMetadata):
+    """An item and what to embed: exactly one of text, image (base64 / data URI) or a precomputed vector."""
+
+    text: str | None = None
+    image: str | None = None
+    vector: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ItemIn:
+        if sum(v is not None for v in (self.text, self.image, self.vector)) != 1:
+            raise ValueError("give exactly one of 'text', 'image' or 'vector'")
+        return self
+
+
+class AddItemsRequest(BaseModel):
+    items: list[ItemIn]
+    refine: bool | None = Field(
+        None, description="Store the LVLM's tags and descriptions of each image: default when a refiner is "
+        "configured (HQCLIP_REFINE__URLS); true requires one; false skips it."
+    )
+
+
+class DeleteItemsRequest(BaseModel):
+    ids: list[str] = Field(min_length=1)
+
+
+class SearchFilters(BaseModel):
+    """Which items a search may return: all of ``tags`` present, every attribute equal (JSON types compared)."""
+
+    tags: list[str] = Field(default_factory=list, description="The item's tags contain every one of these.")
+    attributes: dict[str, AttributeValue] = Field(default_factory=dict, description="attributes[key] == value, typed.")
+
+    @field_validator("attributes")
+    @classmethod
+    def _keys(cls, value: dict[str, AttributeValue]) -> dict[str, AttributeValue]:
+        for key in value:
+            if not key or '"' in key or "\\" in key:
+                raise ValueError(f"attribute name {key!r} must be non-empty and free of quotes and backslashes")
+        return value
+
+    def to_filters(self) -> Filters:
+        return Filters(list(self.tags), dict(self.attributes))
+
+
+class SearchRequest(BaseModel):
+    """Exactly one query: text, image (base64 / data URI), vector, or the id of a stored item."""
+
+    text: str | None = None
+    image: str | None = None
+    vector: list[float] | None = None
+    id: str | None = Field(None, description="Find items like this stored one (it is left out of the results).")
+    templates: bool | list[str] = Field(
+        False, description="text only: embed through prompt templates ('{}' = the text) and average; true = the "
+        "gateway's default ensemble (the one /v1/classify uses)."
+    )
+    top_k: int = Field(10, ge=1, le=MAX_TOP_K)
+    offset: int = Field(0, ge=0, le=MAX_OFFSET, description="Skip this many results (paging).")
+    filters: SearchFilters | None = None
+
+    @model_validator(mode="after")
+    def _one_query(self) -> SearchRequest:
+        if sum(v is not None for v in (self.text, self.image, self.vector, self.id)) != 1:
+            raise ValueError("give exactly one of 'text', 'image', 'vector' or 'id'")
+        if self.templates and self.text is None:
+            raise ValueError("'templates' applies to a 'text' query only")
+        if isinstance(self.templates, list) and not all("{}" in t for t in self.templates):
+            raise ValueError("each template needs one '{}' where the text goes")
+        return self
+
+
+class SearchResponse(BaseModel):
+    collection: str
+    results: list[Hit] = Field(description="Best first: id, score (cosine), uri, caption, tags, attributes, created.")
+    top_k: int
+    offset: int
+
+
+class CollectionInfo(BaseModel):
+    name: str
+    backend: Literal["faiss", "milvus"]
+    kind: str
+    dim: int
+    count: int
+    model: str | None = Field(description="The model that embedded it (None: vectors of another dimension).")
+    fingerprint: str | None = Field(description="That model's fingerprint; queries embedded by another get 409.")
+    created: float
+    spec: dict[str, Any] = Field(description="The index parameters besides kind and dim.")
+    wal_pending: int = Field(0, description="faiss: WAL rows not yet covered by a snapshot.")
+    gpu: bool = Field(False, description="faiss: searched on a GPU.")
+
+
+class CollectionList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[CollectionInfo]
+    aliases: dict[str, str] = Field(description="alias -> the collection it serves.")
+
+
+class DeletedCollection(BaseModel):
+    deleted: str
+
+
+class AliasRequest(BaseModel):
+    target: str = Field(description="The collection the alias serves from now on.")
+
+
+class AliasResponse(BaseModel):
+    alias: str
+    target: str
+
+
+class UpsertResponse(BaseModel):
+    collection: str
+    upserted: int
+    ids: list[str]
+    count: int
+
+
+class DeleteItemsResponse(BaseModel):
+    collection: str
+    deleted: list[str]
+    not_found: list[str]
+    count: int

@@ -69,7 +69,8 @@ class TritonSettings(BaseModel):
 
 
 class IndexParams(BaseModel):
-    """How a new collection's FAISS index is built (services/index/vectors.py); a create request may override each."""
+    """How a new collection's index is built (FAISS: services/index/vectors.py, Milvus: services/index/milvus.py);
+    a create request may override each."""
 
     kind: Literal["flat", "hnsw", "ivfpq"] = Field(
         "flat", description="flat: exact; hnsw: graph; ivfpq: compressed, exact re-ranking (docs/retrieval.md)."
@@ -84,8 +85,17 @@ class IndexParams(BaseModel):
 
 
 class IndexSettings(IndexParams):
-    """Retrieval collections (services/index/): where they live, how often they are snapshotted, index defaults."""
+    """Retrieval collections (services/index/): which engine stores them, where, how often FAISS snapshots them,
+    index defaults."""
 
+    backend: Literal["faiss", "milvus"] = Field(
+        "faiss", description="faiss: FAISS + SQLite in the gateway, under dir (the default); milvus: a Milvus server "
+        "or milvus-lite at milvus_uri (docs/retrieval.md, when to switch).",
+    )
+    milvus_uri: str = Field(
+        "data/collections/milvus.db", description="milvus: http://host:19530 (a server or cluster), or a local "
+        "file path ending in .db (milvus-lite, embedded).",
+    )
     dir: Path = Field(Path("data/collections"), description="Folder of collections, one subfolder each.")
     snapshot_interval_s: float = Field(30.0, gt=0, description="How often changed collections are snapshotted.")
     gpu: bool = Field(True, description="Run indexes on a GPU when FAISS sees one (a faiss-gpu build).")

@@ -12,7 +12,7 @@ from testkit import gateway as gateways
 from testkit.gateway import Gateway
 from testkit.tiny import export_tiny_repo
 
-pytest_plugins = ["tests.servers.vllm"]  # vllm_server(s): real vLLM servers for the refinement tests
+pytest_plugins = ["tests.servers.vllm", "tests.servers.milvus"]  # real vLLM servers (refinement), Milvus (collections)
 TAG_VOCABULARY = ("cat", "astronaut", "coffee", "rocket", "sky", "grass", "red", "metal")
 
 

@@ -23,7 +23,8 @@ from services.settings import Settings
 
 DOCKER = Path(__file__).resolve().parents[1] / "docker"
 GPU_SERVICES = {"triton", "vllm", "trt-build", "gateway-gpu"}  # gateway: the slim CPU image; gateway-gpu: FAISS GPU
-LONG_RUNNING = {"triton", "vllm", "gateway", "gateway-gpu"}  # trt-build is a one-shot job
+LONG_RUNNING = {"triton", "vllm", "gateway", "gateway-gpu", "etcd", "minio", "milvus"}  # trt-build: a one-shot job
+MILVUS_PROFILE = {"etcd", "minio", "milvus"}
 VARIABLE = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
 
 
@@ -99,7 +100,8 @@ def test_triton_vllm_and_gateway_are_wired_together(compose):
     assert "--model=zhixiangwei/qwen2-7b-full" in vllm["command"]  # the released recaptioner by default
 
     assert gateway["depends_on"] == {"triton": {"condition": "service_healthy"},
-                                     "vllm": {"condition": "service_healthy"}}
+                                     "vllm": {"condition": "service_healthy"},
+                                     "milvus": {"condition": "service_healthy", "required": False}}
     env = gateway["environment"]
     assert env["HQCLIP_BACKEND"] == "triton" and env["HQCLIP_TRITON__URL"] == "dns:///triton:8001"
     assert env["HQCLIP_REFINE__URLS"] == "http://vllm:8000/v1"
@@ -138,3 +140,20 @@ def test_gateway_environment_names_real_settings(compose, service):
 def test_env_example_documents_exactly_the_variables_compose_uses():
     used = {m[1] for m in VARIABLE.finditer((DOCKER / "docker-compose.yml").read_text())}
     assert used == set(env_example())
+
+
+def test_milvus_profile_is_a_standalone_server_with_its_dependencies(compose):
+    services = compose["services"]
+    assert {name for name, service in services.items() if service.get("profiles") == ["milvus"]} == MILVUS_PROFILE
+    milvus = services["milvus"]
+    assert milvus["image"].startswith("milvusdb/milvus:") and milvus["command"] == ["milvus", "run", "standalone"]
+    assert milvus["environment"]["ETCD_ENDPOINTS"] == "etcd:2379"
+    assert milvus["environment"]["MINIO_ADDRESS"] == "minio:9000"
+    assert milvus["depends_on"] == {"etcd": {"condition": "service_healthy"},
+                                    "minio": {"condition": "service_healthy"}}
+    assert "/healthz" in " ".join(milvus["healthcheck"]["test"])
+    named = set(compose["volumes"])
+    for name in MILVUS_PROFILE:  # each keeps its state in a named volume
+        assert any(v.split(":")[0] in named for v in services[name]["volumes"]), name
+    env = services["gateway"]["environment"]
+    assert env["HQCLIP_INDEX__BACKEND"] == "faiss" and env["HQCLIP_INDEX__MILVUS_URI"] == "http://milvus:19530"

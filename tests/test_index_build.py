@@ -72,3 +72,21 @@ def test_gateway_loads_built_collections(built, gateway_factory):
     assert cats and all("cat" in hit["tags"] and hit["attributes"]["label"] == "chelsea" for hit in cats)
     assert {hit["id"].split("/")[0] for hit in cats} <= {"shard-00000", "shard-00001"}
     assert len(shards) == 2
+
+
+def test_build_into_milvus_and_serve_it(built, tiny_repo, gateway_factory):
+    """The same build through HQCLIP_INDEX__BACKEND=milvus (milvus-lite here): the gateway on that database finds
+    each image by itself, and the collection records the model's fingerprint."""
+    work, *_ = built
+    index = {"HQCLIP_INDEX__BACKEND": "milvus", "HQCLIP_INDEX__MILVUS_URI": str(work / "milvus" / "collections.db")}
+    env = {**os.environ, "HQCLIP_MODEL_REPO": str(tiny_repo), **index}
+    summary = run_build(work / "photos", "photos", env)
+    assert (summary["count"], summary["added"], summary["failed"]) == (5, 5, ["broken.jpg"])
+    gateway = gateway_factory(**index)
+    described = httpx.get(f"{gateway.url}/v1/collections/photos").json()
+    assert (described["backend"], described["count"], described["model"]) == ("milvus", 5, "tiny")
+    assert described["fingerprint"]
+    for name in PHOTOS:
+        hits = httpx.post(f"{gateway.url}/v1/collections/photos/search", json={"image": b64(jpeg(name)), "top_k": 1},
+                          timeout=60).json()["results"]
+        assert hits[0]["id"].endswith(f"{name}.jpg") and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)

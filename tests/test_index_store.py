@@ -7,8 +7,9 @@ import faiss
 import numpy as np
 import pytest
 
-from services.index import store as store_module
-from services.index.store import Collection, CollectionBusy, Filters, Item
+from services.index import faiss_sqlite as store_module
+from services.index.collection import CollectionBusy, Filters, Item
+from services.index.faiss_sqlite import FaissCollection as Collection
 from services.index.vectors import IndexSpec, gpu_resources
 
 DIM = 32

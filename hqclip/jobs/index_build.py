@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import random
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +32,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from hqclip.shards import IMAGE_EXTENSIONS, count_samples, image_files, read_tar
 from services.errors import BadInput
-from services.index.store import Collection, Item
-from services.index.vectors import IndexSpec
+from services.index.collection import Catalog, Collection, IndexSpec, Info, Item
+from services.index.manager import open_catalog
 from services.settings import IndexParams, Settings
 
 log = logging.getLogger("hqclip.index.build")
@@ -134,15 +135,23 @@ def auto_params(defaults: IndexParams, kind: str, count: int) -> IndexParams:
     return params
 
 
-def open_or_create(path: Path, params: IndexParams, dim: int, model: str) -> Collection:
-    if (path / "meta.sqlite").is_file():
-        collection = Collection.open(path)
-        if collection.model not in (None, model) or collection.spec.dim != dim:
+def open_or_create(catalog: Catalog, name: str, params: IndexParams, dim: int, model: str,
+                   fingerprint: str | None = None) -> Collection:
+    """Collection ``name`` of ``catalog`` (HQCLIP_INDEX__BACKEND's), made if new; refused when another model (its
+    fingerprint) or dimension embedded it. One made before fingerprints were recorded adopts ``fingerprint``."""
+    if catalog.exists(name):
+        collection = catalog.open(name)
+        other = collection.fingerprint not in (None, fingerprint) or collection.model not in (None, model)
+        if other or collection.spec.dim != dim:
             collection.close(snapshot=False)
-            raise ValueError(f"{path} holds {collection.spec.dim}-d vectors of model '{collection.model}', not "
-                             f"model '{model}' ({dim}-d): pick another name or delete it")
+            raise ValueError(f"collection '{name}' holds {collection.spec.dim}-d vectors of model "
+                             f"'{collection.model}', not model '{model}' ({dim}-d): build into another name and point "
+                             "an alias at it (POST /v1/collections/{alias}/alias), or delete it")
+        if collection.fingerprint is None and fingerprint is not None:
+            collection.adopt(fingerprint)
         return collection
-    return Collection.create(path, IndexSpec(**params.model_dump(), dim=dim), model)
+    spec = IndexSpec(**params.model_dump(), dim=dim)
+    return catalog.create(name, Info(spec, model, fingerprint, time.time()))
 
 
 # --- mapper ---
@@ -166,7 +175,8 @@ async def embed_batch(engine, batch: list[Record], failed: list[str]) -> tuple[l
 # --- runner ---
 def build(source: Path, name: str, settings: Settings, kind: str = "auto", batch_size: int = 64,
           snapshot_every: int = 20_000, progress: bool = True) -> Summary:
-    """Embed every image of ``source`` into collection ``name`` under ``settings.index.dir``; resumable."""
+    """Embed every image of ``source`` into collection ``name`` of ``settings.index`` (its backend: a folder under
+    ``dir`` for FAISS, Milvus at ``milvus_uri``); resumable."""
     from services.engine import Engine
     from services.metrics import Metrics
 
@@ -177,7 +187,8 @@ def build(source: Path, name: str, settings: Settings, kind: str = "auto", batch
         await engine.start()
         manifest = engine.manifest
         params = auto_params(settings.index, kind, total)
-        collection = open_or_create(Path(settings.index.dir) / name, params, manifest.embed_dim, manifest.name)
+        catalog = open_catalog(settings.index)
+        collection = open_or_create(catalog, name, params, manifest.embed_dim, manifest.name, manifest.fingerprint)
         added = existing = since_snapshot = 0
         failed: list[str] = []
         columns = (TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.speed} img/s"),
@@ -210,11 +221,13 @@ def build(source: Path, name: str, settings: Settings, kind: str = "auto", batch
                         batch = []
                 if batch:
                     await flush(batch)
+            count = collection.count  # before the close: a Milvus collection answers only while connected
         finally:
             collection.close(snapshot=True)
+            catalog.close()
             await engine.close()
         for record_id in failed:
             log.warning("%s: not a decodable image; skipped", record_id)
-        return Summary(name, collection.spec.kind, collection.count, added, existing, failed)
+        return Summary(name, collection.spec.kind, count, added, existing, failed)
 
     return asyncio.run(run())

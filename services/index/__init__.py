@@ -1,2 +1,2 @@
-"""Retrieval: FAISS collections with SQLite metadata and a write-ahead log (store), the set of them a gateway
-serves (manager), and offline builds from folders of images or webdataset shards (build)."""
+"""Retrieval: one collection interface (collection), FAISS + SQLite (faiss_sqlite, vectors) and Milvus (milvus)
+behind it, and the collections and aliases a gateway serves (manager). Offline builds: hqclip/jobs/index_build.py."""

@@ -1,57 +1,64 @@
-"""The collections a gateway serves: one folder each under ``HQCLIP_INDEX__DIR``, all opened at start, snapshotted
-in the background every ``snapshot_interval_s``, and snapshotted a last time on a clean stop."""
+"""The collections a gateway serves: every collection of the configured backend (``HQCLIP_INDEX__BACKEND``), opened at
+start; with FAISS, snapshotted in the background every ``snapshot_interval_s`` and a last time on a clean stop.
+
+A name is a collection or an alias of one. Aliases resolve on every lookup, so flipping one (:meth:`alias`) moves
+every later request to the new collection at once: the hot swap of a re-embedded collection.
+"""
 
 from __future__ import annotations
 
 import logging
-import re
-import shutil
 import threading
-from pathlib import Path
+import time
 
-from services.index.store import Collection
-from services.index.vectors import IndexSpec, gpu_resources
+from services.index.collection import (
+    AliasConflict,
+    Catalog,
+    Collection,
+    CollectionExists,
+    CollectionNotFound,
+    IndexSpec,
+    Info,
+    InvalidInput,
+    check_name,
+)
+from hqclip.repo.manifest import Manifest
 from services.settings import IndexParams, IndexSettings
 
 log = logging.getLogger("hqclip.index")
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
+def open_catalog(settings: IndexSettings) -> Catalog:
+    """The backend ``settings.backend`` names (Milvus is imported only when chosen)."""
+    if settings.backend == "milvus":
+        from services.index.milvus import MilvusCatalog
 
-class CollectionExists(ValueError):
-    pass
+        return MilvusCatalog(settings.milvus_uri)
+    from services.index.faiss_sqlite import FaissCatalog
 
-
-class CollectionNotFound(KeyError):
-    pass
-
-
-def check_name(name: str) -> str:
-    if not NAME.match(name):
-        raise ValueError(f"collection name {name!r} must be 1-64 letters, digits, '_', '.' or '-', "
-                         "starting with a letter or digit")
-    return name
+    return FaissCatalog(settings.dir, settings.gpu)
 
 
 class CollectionManager:
-    def __init__(self, settings: IndexSettings, model: str | None = None, dim: int | None = None) -> None:
+    def __init__(self, settings: IndexSettings) -> None:
         self.settings = settings
-        self.root = Path(settings.dir)
-        self.model, self.dim = model, dim
-        self.gpu = gpu_resources() if settings.gpu else None
+        self.catalog: Catalog | None = None
         self._collections: dict[str, Collection] = {}
-        self._lock = threading.Lock()  # guards the dict, not the collections (each has its own lock)
+        self._aliases: dict[str, str] = {}
+        self._lock = threading.Lock()  # guards the dicts, not the collections (each has its own lock)
         self._stop = threading.Event()
         self._snapshotter: threading.Thread | None = None
 
+    @property
+    def backend(self) -> str:
+        return self.settings.backend
+
     def start(self) -> None:
-        """Open every collection under the root (made on the first create), then start the background snapshotter."""
-        found = sorted(p for p in self.root.iterdir() if (p / "meta.sqlite").is_file()) if self.root.is_dir() else []
-        for path in found:
-            collection = Collection.open(path, self.gpu)
-            log.info("collection %s: %d items (%s), replayed %d WAL rows in %.2fs", collection.name,
-                     collection.count, collection.spec.kind, collection.state.replayed, collection.state.loaded_s)
+        """Open every collection, then start the background snapshotter."""
+        self.catalog = open_catalog(self.settings)
+        for collection in self.catalog.open_all():
             self._collections[collection.name] = collection
+        self._aliases = self.catalog.aliases()
         self._snapshotter = threading.Thread(target=self._snapshot_loop, name="index-snapshots", daemon=True)
         self._snapshotter.start()
 
@@ -75,36 +82,67 @@ class CollectionManager:
             collections, self._collections = list(self._collections.values()), {}
         for collection in collections:
             collection.close(snapshot=True)
+        if self.catalog is not None:
+            self.catalog.close()
 
     def list(self) -> list[Collection]:
         with self._lock:
             return sorted(self._collections.values(), key=lambda c: c.name)
 
+    def aliases(self) -> dict[str, str]:
+        with self._lock:
+            return dict(sorted(self._aliases.items()))
+
     def get(self, name: str) -> Collection:
+        """The collection ``name`` names, directly or through an alias."""
         with self._lock:
             try:
-                return self._collections[name]
+                return self._collections[self._aliases.get(name, name)]
             except KeyError:
                 raise CollectionNotFound(name) from None
 
-    def create(self, name: str, params: IndexParams, dim: int | None = None) -> Collection:
-        """A new empty collection; ``dim`` defaults to the served model's."""
+    def create(self, name: str, params: IndexParams, dim: int | None, served: Manifest) -> Collection:
+        """A new empty collection; ``dim`` defaults to the served model's, which it records as its embedder (the
+        model served now: after a hot swap, the new one)."""
         check_name(name)
-        dim = dim or self.dim
-        if dim is None:
-            raise ValueError("dim is required: this gateway serves no model to take it from")
-        spec = IndexSpec(**params.model_dump(), dim=dim)
+        dim = dim or served.embed_dim
+        own_model = dim == served.embed_dim
+        info = Info(IndexSpec(**params.model_dump(), dim=dim), served.name if own_model else None,
+                    served.fingerprint if own_model else None, time.time())
         with self._lock:
-            if name in self._collections or (self.root / name).exists():
+            if name in self._collections or name in self._aliases or self.catalog.exists(name):
                 raise CollectionExists(name)
-            collection = Collection.create(self.root / name, spec, self.model, self.gpu)
+            collection = self.catalog.create(name, info)
             self._collections[name] = collection
         return collection
 
     def delete(self, name: str) -> None:
+        """Delete a collection, or just the alias when ``name`` is one."""
         with self._lock:
-            collection = self._collections.pop(name, None)
-        if collection is None:
-            raise CollectionNotFound(name)
-        collection.close(snapshot=False)
-        shutil.rmtree(collection.path)
+            if name in self._aliases:
+                self.catalog.drop_alias(name)
+                del self._aliases[name]
+                return
+            if name not in self._collections:
+                raise CollectionNotFound(name)
+            pointing = sorted(a for a, target in self._aliases.items() if target == name)
+            if pointing:
+                raise AliasConflict(f"alias '{pointing[0]}' points at collection '{name}'; flip or delete the alias "
+                                    "first")
+            collection = self._collections.pop(name)
+        self.catalog.drop(collection)
+
+    def alias(self, alias: str, target: str) -> None:
+        """Point ``alias`` at collection ``target`` in one atomic step (made if new, flipped if not)."""
+        check_name(alias, "alias")
+        with self._lock:
+            if target not in self._collections:
+                if target in self._aliases:
+                    raise AliasConflict(f"'{target}' is an alias; point '{alias}' at a collection "
+                                        f"('{self._aliases[target]}')")
+                raise CollectionNotFound(target)
+            if alias in self._collections:
+                raise AliasConflict(f"'{alias}' is a collection; an alias cannot take its name")
+            self.catalog.set_alias(alias, target)
+            self._aliases[alias] = target
+        log.info("alias %s -> collection %s", alias, target)

@@ -21,26 +21,14 @@ from typing import BinaryIO
 
 import faiss
 import numpy as np
-from pydantic import Field
 
-from services.settings import IndexParams
+from services.index.collection import IndexSpec
 
 TRAIN_POINTS_PER_CENTROID = 40
 PQ_BITS = 8
 PQ_CODES = 1 << PQ_BITS
 MAX_CANDIDATES = 10_000  # ivfpq re-ranks at most this many per query (deep pages would otherwise copy gigabytes)
 GPU_MAX_K = 2048  # FAISS GPU indexes return at most this many neighbours per query
-
-
-class IndexSpec(IndexParams):
-    """How a collection's index is built: the parameters (services/settings.py) plus the dimension; fixed at
-    creation and stored with the collection."""
-
-    dim: int = Field(gt=0)
-
-    def subquantizers(self) -> int:
-        """The largest divisor of ``dim`` that is at most ``pq_m``: PQ splits a vector into equal parts."""
-        return max(m for m in range(1, min(self.pq_m, self.dim) + 1) if self.dim % m == 0)
 
 
 def _selector(allowed: np.ndarray | None, dead: np.ndarray | None = None) -> faiss.IDSelector | None:

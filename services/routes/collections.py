@@ -9,105 +9,45 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 from fastapi import APIRouter, File, Form, Request, Response, UploadFile
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from hqclip.repo.prompts import DEFAULT_TEMPLATES
 from services.errors import ApiError, inputs_from
-from services.index.manager import CollectionExists, CollectionManager, CollectionNotFound
-from services.index.store import Collection, Filters, Hit, Item
+from services.index.collection import (
+    AliasConflict,
+    Collection,
+    CollectionExists,
+    CollectionNotFound,
+    InvalidInput,
+    Item,
+)
+from services.index.manager import CollectionManager
 from services.payloads import check_count, decode_image, engine_of, read_uploads
+from services.schemas import (
+    AddItemsRequest,
+    AliasRequest,
+    AliasResponse,
+    CollectionInfo,
+    CollectionList,
+    CreateCollectionRequest,
+    DeletedCollection,
+    DeleteItemsRequest,
+    DeleteItemsResponse,
+    ItemMetadata,
+    SearchRequest,
+    SearchResponse,
+    UpsertResponse,
+)
 from services.settings import IndexParams
 from services.tagging import add_model_tags
 
 router = APIRouter(tags=["collections"])
-
-MAX_TOP_K = 1000
-MAX_OFFSET = 10_000
-
-
-# --- request / response models ---
-class CreateCollectionRequest(BaseModel):
-    name: str = Field(description="1-64 letters, digits, '_', '.' or '-'.")
-    dim: int | None = Field(None, gt=0, description="Vector dimension; default: the served model's.")
-    index: dict[str, Any] = Field(
-        default_factory=dict,
-        description="Index parameters overriding the HQCLIP_INDEX__* defaults: kind (flat, hnsw, ivfpq), hnsw_m, "
-        "ef_construction, ef_search, nlist, pq_m, nprobe, rerank.",
-    )
-
-
-class ItemIn(Item):
-    """An item and what to embed: exactly one of text, image (base64 / data URI) or a precomputed vector."""
-
-    text: str | None = None
-    image: str | None = None
-    vector: list[float] | None = None
-
-    @model_validator(mode="after")
-    def _one_source(self) -> ItemIn:
-        if sum(v is not None for v in (self.text, self.image, self.vector)) != 1:
-            raise ValueError("give exactly one of 'text', 'image' or 'vector'")
-        return self
-
-
-class AddItemsRequest(BaseModel):
-    items: list[ItemIn]
-    refine: bool | None = Field(
-        None, description="Store the LVLM's tags and descriptions of each image: default when a refiner is "
-        "configured (HQCLIP_REFINE__URLS); true requires one; false skips it."
-    )
-
-
-class DeleteItemsRequest(BaseModel):
-    ids: list[str] = Field(min_length=1)
-
-
-class SearchRequest(BaseModel):
-    """Exactly one query: text, image (base64 / data URI), vector, or the id of a stored item."""
-
-    text: str | None = None
-    image: str | None = None
-    vector: list[float] | None = None
-    id: str | None = Field(None, description="Find items like this stored one (it is left out of the results).")
-    templates: bool | list[str] = Field(
-        False, description="text only: embed through prompt templates ('{}' = the text) and average; true = the "
-        "gateway's default ensemble (the one /v1/classify uses)."
-    )
-    top_k: int = Field(10, ge=1, le=MAX_TOP_K)
-    offset: int = Field(0, ge=0, le=MAX_OFFSET, description="Skip this many results (paging).")
-    filters: Filters | None = None
-
-    @model_validator(mode="after")
-    def _one_query(self) -> SearchRequest:
-        if sum(v is not None for v in (self.text, self.image, self.vector, self.id)) != 1:
-            raise ValueError("give exactly one of 'text', 'image', 'vector' or 'id'")
-        if self.templates and self.text is None:
-            raise ValueError("'templates' applies to a 'text' query only")
-        if isinstance(self.templates, list) and not all("{}" in t for t in self.templates):
-            raise ValueError("each template needs one '{}' where the text goes")
-        return self
-
-
-class SearchHit(BaseModel):
-    id: str
-    score: float
-    uri: str | None
-    caption: str | None
-    tags: list[str]
-    attributes: dict[str, Any]
-    created: float
-
-
-class SearchResponse(BaseModel):
-    collection: str
-    results: list[SearchHit]
-    top_k: int
-    offset: int
 
 
 # --- helpers ---
@@ -115,12 +55,27 @@ def _manager(request: Request) -> CollectionManager:
     return request.app.state.collections
 
 
-def _collection(request: Request, name: str) -> Collection:
+@contextmanager
+def _domain_errors(param: str = "collection") -> Iterator[None]:
+    """The store's domain errors as HTTP errors; ``param`` names the path field a missing collection came from."""
     try:
-        return _manager(request).get(name)
-    except CollectionNotFound:
-        raise ApiError(404, f"no collection '{name}'; create it with POST /v1/collections", param="collection",
+        yield
+    except CollectionNotFound as exc:
+        name = exc.args[0]
+        raise ApiError(404, f"no collection '{name}'; create it with POST /v1/collections", param=param,
                        type="not_found_error") from None
+    except CollectionExists as exc:
+        raise ApiError(409, f"collection '{exc.args[0]}' exists; delete it first or pick another name",
+                       param="name") from None
+    except AliasConflict as exc:
+        raise ApiError(409, str(exc), param=param) from None
+    except InvalidInput as exc:
+        raise ApiError(400, str(exc), param=exc.field) from None
+
+
+def _collection(request: Request, name: str) -> Collection:
+    with _domain_errors():
+        return _manager(request).get(name)
 
 
 def _vector(values: list[float], dim: int, param: str) -> np.ndarray:
@@ -132,21 +87,27 @@ def _vector(values: list[float], dim: int, param: str) -> np.ndarray:
     return vector
 
 
-def _check_model_dim(request: Request, collection: Collection, param: str) -> None:
-    """Embedding through the model only makes sense when the model's vectors fit the collection."""
+async def _check_model(request: Request, collection: Collection, param: str) -> None:
+    """Embedding through the model only makes sense when the model's vectors live in the collection's space: the
+    same dimension, and the same model (fingerprint). A collection that has none yet adopts the served model's."""
     manifest = engine_of(request).manifest
     if manifest.embed_dim != collection.spec.dim:
         raise ApiError(400, f"collection '{collection.name}' stores {collection.spec.dim}-d vectors but model "
                        f"'{manifest.name}' embeds {manifest.embed_dim}-d; give 'vector' instead", param=param)
-
-
-def _hit(hit: Hit) -> SearchHit:
-    return SearchHit(**hit.__dict__)
+    if collection.fingerprint is None:
+        await run_in_threadpool(collection.adopt, manifest.fingerprint)
+    elif collection.fingerprint != manifest.fingerprint:
+        raise ApiError(409, f"collection '{collection.name}' was embedded by model '{collection.model}' "
+                       f"(fingerprint {collection.fingerprint[:12]}), but this gateway serves '{manifest.name}' "
+                       f"(fingerprint {manifest.fingerprint[:12]}): its vectors live in another space. Re-embed the "
+                       "items into a new collection (`hqclip index build`, or POST its items again) and point an "
+                       "alias at it (POST /v1/collections/{alias}/alias), serve the collection's model, or query "
+                       "with 'vector'", param=param, type="conflict_error")
 
 
 # --- collections ---
 @router.post("/v1/collections", status_code=201)
-async def create_collection(body: CreateCollectionRequest, request: Request) -> dict:
+async def create_collection(body: CreateCollectionRequest, request: Request) -> CollectionInfo:
     manager = _manager(request)
     defaults = request.app.state.settings.index
     unknown = sorted(set(body.index) - set(IndexParams.model_fields))
@@ -160,34 +121,44 @@ async def create_collection(body: CreateCollectionRequest, request: Request) -> 
         first = exc.errors()[0]
         param = "index." + ".".join(str(p) for p in first["loc"])
         raise ApiError(400, f"{param}: {first['msg']}", param=param) from None
-    try:
-        collection = await run_in_threadpool(manager.create, body.name, params, body.dim)
-    except CollectionExists:
-        raise ApiError(409, f"collection '{body.name}' exists; delete it first or pick another name",
-                       param="name") from None
-    except ValueError as exc:
-        raise ApiError(400, str(exc), param="name") from None
-    return collection.describe()
+    with _domain_errors():
+        collection = await run_in_threadpool(manager.create, body.name, params, body.dim,
+                                             engine_of(request).manifest)
+        return CollectionInfo(**await run_in_threadpool(collection.describe))
 
 
 @router.get("/v1/collections")
-async def list_collections(request: Request) -> dict:
-    return {"object": "list", "data": [c.describe() for c in _manager(request).list()]}
+async def list_collections(request: Request) -> CollectionList:
+    manager = _manager(request)
+    described = await run_in_threadpool(lambda: [c.describe() for c in manager.list()])
+    return CollectionList(data=[CollectionInfo(**d) for d in described], aliases=manager.aliases())
 
 
 @router.get("/v1/collections/{collection}")
-async def get_collection(collection: str, request: Request) -> dict:
-    return _collection(request, collection).describe()
+async def get_collection(collection: str, request: Request) -> CollectionInfo:
+    return CollectionInfo(**await run_in_threadpool(_collection(request, collection).describe))
 
 
 @router.delete("/v1/collections/{collection}")
-async def delete_collection(collection: str, request: Request) -> dict:
+async def delete_collection(collection: str, request: Request) -> DeletedCollection:
+    """Delete a collection and its items, or only the alias when ``collection`` is an alias."""
     _collection(request, collection)
     try:
-        await run_in_threadpool(_manager(request).delete, collection)
-    except CollectionNotFound:  # deleted by a concurrent request
-        pass
-    return {"deleted": collection}
+        with _domain_errors():
+            await run_in_threadpool(_manager(request).delete, collection)
+    except ApiError as exc:
+        if exc.status != 404:  # 404: deleted by a concurrent request
+            raise
+    return DeletedCollection(deleted=collection)
+
+
+@router.post("/v1/collections/{alias}/alias")
+async def set_alias(alias: str, body: AliasRequest, request: Request) -> AliasResponse:
+    """Point ``alias`` at collection ``target`` in one atomic step: every later request naming the alias goes to
+    the new collection (how a re-embedded collection replaces the old one). Creates the alias if it is new."""
+    with _domain_errors(param="target"):
+        await run_in_threadpool(_manager(request).alias, alias, body.target)
+    return AliasResponse(alias=alias, target=body.target)
 
 
 # --- items ---
@@ -222,11 +193,11 @@ async def _refine(request: Request, images: dict[int, bytes], items: list[Item],
 
 async def _store(request: Request, collection: Collection, items: list[Item], texts: dict[int, str],
                  images: dict[int, bytes], vectors: dict[int, np.ndarray], refine: bool | None,
-                 image_name: tuple[str, str] = ("items", "{field}[{i}].image")) -> dict:
+                 image_name: tuple[str, str] = ("items", "{field}[{i}].image")) -> UpsertResponse:
     """Embed what needs embedding (and refine images), then upsert; answered once the write is durable."""
     engine = engine_of(request)
     if texts or images:
-        _check_model_dim(request, collection, f"items[{min([*texts, *images])}]")
+        await _check_model(request, collection, f"items[{min([*texts, *images])}]")
 
     async def run_texts():
         if texts:
@@ -244,16 +215,15 @@ async def _store(request: Request, collection: Collection, items: list[Item], te
     if refine is False or getattr(request.app.state, "refiner", None) is None:  # no LVLM tags: the model's own
         await add_model_tags(engine, engine.settings.index, items, {i: vectors[i] for i in images})
     matrix = np.stack([vectors[i] for i in range(len(items))])
-    try:
+    with _domain_errors():
         await run_in_threadpool(collection.upsert, items, matrix)
-    except ValueError as exc:
-        raise ApiError(400, str(exc), param="items") from None
-    return {"collection": collection.name, "upserted": len(items), "ids": [item.id for item in items],
-            "count": collection.count}
+    count = await run_in_threadpool(lambda: collection.count)
+    return UpsertResponse(collection=collection.name, upserted=len(items), ids=[item.id for item in items],
+                          count=count)
 
 
 @router.post("/v1/collections/{collection}/items")
-async def add_items(collection: str, body: AddItemsRequest, request: Request) -> dict:
+async def add_items(collection: str, body: AddItemsRequest, request: Request) -> UpsertResponse:
     """Upsert items: each embedded from its text or image, or stored with its given vector."""
     target = _collection(request, collection)
     engine = engine_of(request)
@@ -267,7 +237,7 @@ async def add_items(collection: str, body: AddItemsRequest, request: Request) ->
             images[i] = decode_image(item.image, f"items[{i}].image", limit)
         else:
             vectors[i] = _vector(item.vector, target.spec.dim, f"items[{i}].vector")
-    items = [Item(**item.model_dump(include=set(Item.model_fields))) for item in body.items]
+    items = [item.to_item() for item in body.items]
     return await _store(request, target, items, texts, images, vectors, body.refine)
 
 
@@ -279,7 +249,7 @@ async def upload_items(
     items: str | None = Form(None, description="JSON list of item metadata (id, uri, caption, tags, attributes), "
                              "one per file in order; default: each file's name is its id."),
     refine: bool | None = Form(None),
-) -> dict:
+) -> UpsertResponse:
     """Upsert images sent as multipart uploads (``-F files=@a.jpg -F items='[{"id": "a"}]'``)."""
     target = _collection(request, collection)
     engine = engine_of(request)
@@ -296,7 +266,7 @@ async def upload_items(
     parsed = []
     for i, meta in enumerate(metadata):
         try:
-            parsed.append(Item.model_validate(meta))
+            parsed.append(ItemMetadata.model_validate(meta).to_item())
         except ValidationError as exc:
             first = exc.errors()[0]
             param = f"items[{i}]" + "".join(f".{p}" for p in first["loc"])
@@ -306,12 +276,13 @@ async def upload_items(
 
 
 @router.delete("/v1/collections/{collection}/items")
-async def delete_items(collection: str, body: DeleteItemsRequest, request: Request) -> dict:
+async def delete_items(collection: str, body: DeleteItemsRequest, request: Request) -> DeleteItemsResponse:
     target = _collection(request, collection)
     deleted = await run_in_threadpool(target.delete, body.ids)
     gone = set(deleted)
-    return {"collection": collection, "deleted": deleted, "not_found": [i for i in body.ids if i not in gone],
-            "count": target.count}
+    count = await run_in_threadpool(lambda: target.count)
+    return DeleteItemsResponse(collection=collection, deleted=deleted,
+                               not_found=[i for i in body.ids if i not in gone], count=count)
 
 
 # --- search ---
@@ -326,14 +297,14 @@ async def _query_vector(request: Request, target: Collection, body: SearchReques
             raise ApiError(404, f"no item '{body.id}' in collection '{target.name}'", param="id",
                            type="not_found_error") from None
     if body.text is not None:
-        _check_model_dim(request, target, "text")
+        await _check_model(request, target, "text")
         if body.templates:
             templates = DEFAULT_TEMPLATES if body.templates is True else tuple(body.templates)
             with inputs_from("text", "{field}"):
                 return (await engine.label_embeddings([body.text], templates))[0]
         with inputs_from("text", "{field}"):
             return (await engine.embed_texts([body.text])).vectors[0]
-    _check_model_dim(request, target, "image")
+    await _check_model(request, target, "image")
     data = decode_image(body.image, "image", engine.settings.limits.max_image_bytes)
     with inputs_from("image", "{field}"):
         return (await engine.embed_images([data]))[0]
@@ -343,8 +314,10 @@ async def _query_vector(request: Request, target: Collection, body: SearchReques
 async def search(collection: str, body: SearchRequest, request: Request) -> Response:
     target = _collection(request, collection)
     query = await _query_vector(request, target, body)
-    results = await run_in_threadpool(target.search, query[None, :], body.top_k, body.offset, body.filters, body.id)
-    answer = SearchResponse(collection=collection, results=[_hit(h) for h in results[0]], top_k=body.top_k,
+    filters = body.filters.to_filters() if body.filters else None
+    with _domain_errors():
+        results = await run_in_threadpool(target.search, query[None, :], body.top_k, body.offset, filters, body.id)
+    answer = SearchResponse(collection=collection, results=results[0], top_k=body.top_k,
                             offset=body.offset)
     # serialised here, once: FastAPI would validate the model again and walk it with jsonable_encoder (the
     # latency budget of a search is a few hundred microseconds)

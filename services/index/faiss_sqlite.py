@@ -1,9 +1,10 @@
-"""A collection: a FAISS index of vectors, the items' metadata in SQLite, and a write-ahead log for durability.
+"""The embedded backend: a collection is a FAISS index of vectors, the items' metadata in SQLite, and a write-ahead
+log for durability, all in one folder under ``HQCLIP_INDEX__DIR``::
 
-A collection is a folder::
-
-    meta.sqlite              info (index spec, model), items, item_tags, wal
+    meta.sqlite              info (index spec, model, fingerprint), items, item_tags, wal
     snapshot-<seq>.faiss     the index as of WAL position <seq>; written to a temp file, fsynced, renamed
+
+and an alias is a pointer file ``.aliases/<alias>`` holding its collection's name, replaced atomically (rename).
 
 Each stored version of an item gets a fresh int64 id, the WAL sequence number of its ``add``; ``items`` maps the
 user's string id to it. An upsert of a known id logs a ``delete`` of the old version and an ``add`` of the new.
@@ -21,6 +22,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -29,16 +31,26 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, Field, field_validator
 
-from services.index.vectors import IndexSpec, Vectors, new_vectors, read_vectors
+from services.index.collection import (
+    Catalog,
+    Collection,
+    CollectionBusy,
+    CollectionNotFound,
+    Filters,
+    Hit,
+    IndexSpec,
+    Info,
+    Item,
+    check_upsert,
+    normalise,
+)
+from services.index.vectors import Vectors, gpu_resources, new_vectors, read_vectors
 
 log = logging.getLogger("hqclip.index")
 
 EXACT_FILTER_MAX = 20_000  # a filter keeping at most this many items is answered exactly over just those
 _SQL_CHUNK = 900  # ids per "IN (...)" (SQLite's variable limit is 32766 on new builds, 999 on old ones)
-
-Scalar = str | int | float | bool | None
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -62,68 +74,12 @@ CREATE TABLE IF NOT EXISTS wal (
 """
 
 
-class CollectionBusy(RuntimeError):
-    """Another process has this collection open."""
-
-
-class Item(BaseModel):
-    """An item's metadata."""
-
-    id: str = Field(min_length=1, max_length=512)
-    uri: str | None = None
-    caption: str | None = None
-    tags: list[str] = Field(default_factory=list)
-    attributes: dict[str, Any] = Field(default_factory=dict)
-
-
-class Filters(BaseModel):
-    """Which items a search may return: all of ``tags`` present, every attribute equal (JSON types compared)."""
-
-    tags: list[str] = Field(default_factory=list, description="The item's tags contain every one of these.")
-    attributes: dict[str, Scalar] = Field(default_factory=dict, description="attributes[key] == value, typed.")
-
-    @field_validator("attributes")
-    @classmethod
-    def _keys(cls, value: dict[str, Scalar]) -> dict[str, Scalar]:
-        for key in value:
-            if not key or '"' in key or "\\" in key:
-                raise ValueError(f"attribute name {key!r} must be non-empty and free of quotes and backslashes")
-        return value
-
-    def __bool__(self) -> bool:
-        return bool(self.tags or self.attributes)
-
-
-@dataclass
-class Hit:
-    id: str
-    score: float
-    uri: str | None
-    caption: str | None
-    tags: list[str]
-    attributes: dict[str, Any]
-    created: float
-
-
 @dataclass
 class _Counters:
     seq: int = 0  # last WAL position assigned
     snapshot_seq: int = 0  # WAL position the newest snapshot on disk covers
     replayed: int = 0  # WAL rows replayed at open
     loaded_s: float = 0.0
-
-
-def normalise(vectors: np.ndarray, dim: int) -> np.ndarray:
-    """float32 C-contiguous [n, dim], each row scaled to unit length; ValueError on a wrong shape, NaN or zero."""
-    x = np.array(vectors, dtype=np.float32, ndmin=2, copy=True, order="C")
-    if x.ndim != 2 or x.shape[1] != dim:
-        raise ValueError(f"vectors must have {dim} dimensions, got shape {tuple(np.shape(vectors))}")
-    if not np.isfinite(x).all():
-        raise ValueError("vectors contain NaN or infinity")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    if (norms == 0).any():
-        raise ValueError("a vector is all zeros and has no direction")
-    return x / norms
 
 
 def _chunks(values: list, size: int = _SQL_CHUNK):
@@ -143,14 +99,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class Collection:
+def _info(rows: dict[str, str]) -> Info:
+    return Info(IndexSpec.model_validate_json(rows["spec"]), rows.get("model"), rows.get("fingerprint"),
+                float(rows["created"]))
+
+
+class FaissCollection(Collection):
     """Open with :meth:`create` or :meth:`open`; :meth:`close` when done."""
 
-    def __init__(self, path: Path, conn: sqlite3.Connection, lock_file, vectors: Vectors, info: dict) -> None:
+    backend = "faiss"
+
+    def __init__(self, path: Path, conn: sqlite3.Connection, lock_file, vectors: Vectors, info: Info) -> None:
         self.path, self.name = path, path.name
-        self.spec: IndexSpec = vectors.spec
-        self.model: str | None = info.get("model")
-        self.created = float(info["created"])
+        self.info = info
         self.vectors = vectors
         self._conn = conn
         self._lock_file = lock_file
@@ -175,26 +136,29 @@ class Collection:
         return conn, lock_file
 
     @classmethod
-    def create(cls, path: Path, spec: IndexSpec, model: str | None = None, gpu=None) -> Collection:
+    def create(cls, path: Path, spec: IndexSpec, model: str | None = None, gpu=None,
+               fingerprint: str | None = None) -> FaissCollection:
         path = Path(path)
         path.mkdir(parents=True)
         conn, lock_file = cls._connect(path)
-        info = {"spec": spec.model_dump_json(), "model": model, "created": repr(time.time())}
+        info = Info(spec, model, fingerprint, time.time())
+        rows = {"spec": spec.model_dump_json(), "model": model, "fingerprint": fingerprint,
+                "created": repr(info.created)}
         with conn:
             conn.execute("BEGIN")
-            conn.executemany("INSERT INTO info VALUES (?, ?)", [(k, v) for k, v in info.items() if v is not None])
+            conn.executemany("INSERT INTO info VALUES (?, ?)", [(k, v) for k, v in rows.items() if v is not None])
         return cls(path, conn, lock_file, new_vectors(spec, gpu), info)
 
     @classmethod
-    def open(cls, path: Path, gpu=None) -> Collection:
+    def open(cls, path: Path, gpu=None) -> FaissCollection:
         """Load the newest snapshot and replay the WAL after it."""
         started = time.perf_counter()
         path = Path(path)
         if not (path / "meta.sqlite").is_file():
             raise FileNotFoundError(f"{path} is not a collection (no meta.sqlite)")
         conn, lock_file = cls._connect(path)
-        info = dict(conn.execute("SELECT key, value FROM info"))
-        spec = IndexSpec.model_validate_json(info["spec"])
+        info = _info(dict(conn.execute("SELECT key, value FROM info")))
+        spec = info.spec
         for stale in path.glob(".snapshot-*.tmp"):  # a snapshot interrupted before its rename
             stale.unlink()
         snapshots = sorted(path.glob("snapshot-*.faiss"), key=_snapshot_seq)
@@ -256,14 +220,8 @@ class Collection:
     # -- writes ------------------------------------------------------------------------------------------------
     def upsert(self, items: list[Item], vectors: np.ndarray) -> None:
         """Store ``items`` with their vectors, replacing any stored item with the same id; durable on return."""
-        if len(items) != len(vectors):
-            raise ValueError(f"{len(items)} items but {len(vectors)} vectors")
-        x = normalise(vectors, self.spec.dim)
+        x = check_upsert(items, vectors, self.spec.dim)
         ids = [item.id for item in items]
-        if len(set(ids)) != len(ids):
-            seen: set[str] = set()
-            dup = next(i for i in ids if i in seen or seen.add(i))
-            raise ValueError(f"id '{dup}' appears twice in one request")
         now = time.time()
         with self._lock:
             old = self._lookup(ids, "id, fid, created")
@@ -293,9 +251,9 @@ class Collection:
             self.vectors.add(np.array([row[0] for row in rows], dtype=np.int64), x)
 
     def delete(self, ids: list[str]) -> list[str]:
-        """Delete the items with these ids; durable on return. The ids that were stored (others are ignored)."""
         with self._lock:
-            found = self._lookup(list(dict.fromkeys(ids)), "id, fid")
+            wanted = list(dict.fromkeys(ids))
+            found = self._lookup(wanted, "id, fid")
             if not found:
                 return []
             fids = [fid for _, fid in found.values()]
@@ -306,7 +264,7 @@ class Collection:
                 self._forget(fids)
             self.state.seq += len(wal)
             self.vectors.remove(np.array(fids, dtype=np.int64))
-            return list(found)
+            return [i for i in wanted if i in found]
 
     def _forget(self, fids: list[int]) -> None:
         for chunk in _chunks(fids):
@@ -328,7 +286,6 @@ class Collection:
         return self.vectors.ntotal
 
     def get(self, ids: list[str]) -> dict[str, Item]:
-        """The stored items among ``ids``."""
         with self._lock:
             rows = self._lookup(ids, "id, uri, caption, tags, attributes")
         return {
@@ -337,7 +294,6 @@ class Collection:
         }
 
     def vector(self, item_id: str) -> np.ndarray:
-        """The stored vector of an item; KeyError when there is none."""
         with self._lock:
             found = self._lookup([item_id], "id, fid")
             if not found:
@@ -352,8 +308,6 @@ class Collection:
         filters: Filters | None = None,
         exclude: str | None = None,
     ) -> list[list[Hit]]:
-        """Per query row, the hits ranked ``offset`` to ``offset + top_k`` by inner product (cosine: every stored
-        vector is unit length), among items that pass ``filters``, leaving out the item ``exclude``."""
         q = normalise(queries, self.spec.dim)
         k = offset + top_k + (1 if exclude is not None else 0)
         with self._lock:
@@ -441,15 +395,79 @@ class Collection:
                     older.unlink()
             return True
 
+    def adopt(self, fingerprint: str) -> None:
+        with self._lock:
+            with self._conn:
+                self._conn.execute("BEGIN IMMEDIATE")
+                self._conn.execute("INSERT OR REPLACE INTO info VALUES ('fingerprint', ?)", (fingerprint,))
+            self.info.fingerprint = fingerprint
+
     def describe(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "kind": self.spec.kind,
-            "dim": self.spec.dim,
-            "count": self.count,
-            "model": self.model,
-            "created": self.created,
-            "spec": self.spec.model_dump(exclude={"kind", "dim"}),
-            "wal_pending": self.pending,
-            "gpu": self.vectors.gpu is not None,
-        }
+        return {**super().describe(), "wal_pending": self.pending, "gpu": self.vectors.gpu is not None}
+
+
+class FaissCatalog(Catalog):
+    """The collections in folders under ``root`` (``HQCLIP_INDEX__DIR``); aliases as pointer files."""
+
+    backend = "faiss"
+
+    def __init__(self, root: Path, gpu: bool = True) -> None:
+        self.root = Path(root)
+        self.gpu = gpu_resources() if gpu else None
+
+    def open_all(self) -> list[Collection]:
+        found = sorted(p for p in self.root.iterdir() if (p / "meta.sqlite").is_file()) if self.root.is_dir() else []
+        opened = []
+        for path in found:
+            collection = FaissCollection.open(path, self.gpu)
+            log.info("collection %s: %d items (%s), replayed %d WAL rows in %.2fs", collection.name,
+                     collection.count, collection.spec.kind, collection.state.replayed, collection.state.loaded_s)
+            opened.append(collection)
+        return opened
+
+    def open(self, name: str) -> Collection:
+        if not (self.root / name / "meta.sqlite").is_file():
+            raise CollectionNotFound(name)
+        return FaissCollection.open(self.root / name, self.gpu)
+
+    def exists(self, name: str) -> bool:
+        return (self.root / name).exists()
+
+    def create(self, name: str, info: Info) -> Collection:
+        return FaissCollection.create(self.root / name, info.spec, info.model, self.gpu, info.fingerprint)
+
+    def drop(self, collection: Collection) -> None:
+        assert isinstance(collection, FaissCollection)
+        collection.close(snapshot=False)
+        shutil.rmtree(collection.path)
+
+    @property
+    def _alias_dir(self) -> Path:
+        return self.root / ".aliases"  # collection names never start with '.'
+
+    def aliases(self) -> dict[str, str]:
+        folder = self._alias_dir
+        return {p.name: p.read_text().strip() for p in sorted(folder.iterdir()) if not p.name.startswith(".")} \
+            if folder.is_dir() else {}
+
+    def set_alias(self, alias: str, target: str) -> None:
+        if not (self.root / target / "meta.sqlite").is_file():
+            raise CollectionNotFound(target)
+        self._alias_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self._alias_dir / f".{alias}.tmp"
+        with open(tmp, "w") as out:
+            out.write(target + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, self._alias_dir / alias)  # atomic: readers see the old target or the new one
+        _fsync_dir(self._alias_dir)
+
+    def drop_alias(self, alias: str) -> None:
+        try:
+            (self._alias_dir / alias).unlink()
+        except FileNotFoundError:
+            raise CollectionNotFound(alias) from None
+        _fsync_dir(self._alias_dir)
+
+    def close(self) -> None:
+        """Nothing shared to release: each collection holds its own files."""
