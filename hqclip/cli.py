@@ -295,7 +295,7 @@ def demo_build(
         from training.demo.data import shard_paths
     with _needs("serve", "demo build"):
         from hqclip.jobs.demo_collection import seed
-        from services.index.store import CollectionBusy
+        from services.index.collection import CollectionBusy
         from services.settings import Settings
 
     steps = Steps(3 if collection else 1)

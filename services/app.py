@@ -27,7 +27,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
     serving = Serving(settings, metrics)  # the engine, swapped by a reload
-    manifest = serving.engine.manifest
     index = CollectionManager(settings.index)
     refiner = RefineClient.from_settings(settings.refine) if settings.refine.urls else None
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from services.index.store import Item
+from services.index.collection import Item
 from services.settings import IndexSettings
 
 

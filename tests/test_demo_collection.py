@@ -10,7 +10,8 @@ import json
 import pytest
 
 from hqclip.jobs.demo_collection import MARKER, seed
-from services.index.store import Collection, CollectionBusy
+from services.index.collection import CollectionBusy
+from services.index.faiss_sqlite import FaissCollection as Collection
 from services.settings import Settings
 from testkit.shards import write_shards
 

@@ -124,7 +124,7 @@ def test_a_killed_actor_on_a_two_node_cluster_loses_no_shard(cluster, shards, re
 
 
 def test_index_build_loads_embedding_shards(reference, env, tmp_path):
-    from services.index.store import Collection
+    from services.index.faiss_sqlite import FaissCollection as Collection
 
     env = {**env, "HQCLIP_INDEX__DIR": str(tmp_path / "collections")}
     command = [sys.executable, "-m", "hqclip.cli", "index", "build", str(reference), "photos"]

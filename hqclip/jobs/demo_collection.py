@@ -24,7 +24,7 @@ from PIL import Image
 from hqclip.jobs.index_build import build
 from hqclip.repo.manifest import load_manifest
 from hqclip.shards import json_member, read_tar, write_tar
-from services.index.store import Collection
+from services.index.faiss_sqlite import FaissCollection as Collection
 from services.settings import Settings
 
 NAME = "demo"

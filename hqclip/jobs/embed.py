@@ -139,7 +139,8 @@ def build_from_embeddings(folder: Path, name: str, settings, kind: str = "auto",
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from hqclip.jobs.index_build import Summary, auto_params, open_or_create
-    from services.index.store import Item
+    from services.index.collection import Item
+    from services.index.manager import open_catalog
 
     paths = embedding_shards(folder)
     if not paths:
@@ -150,7 +151,9 @@ def build_from_embeddings(folder: Path, name: str, settings, kind: str = "auto",
             total += len(data["ids"])
             dim, model = data["embeddings"].shape[1], str(data["model"])
     params = auto_params(settings.index, kind, total)
-    collection = open_or_create(Path(settings.index.dir) / name, params, dim, model)
+    catalog = open_catalog(settings.index)
+    collection = open_or_create(catalog, name, params, dim, model)  # a collection made new adopts the first
+    # fingerprint that queries it (the shards name their model, not its fingerprint)
     added = existing = since_snapshot = 0
     failed: list[str] = []
     try:
@@ -175,6 +178,8 @@ def build_from_embeddings(folder: Path, name: str, settings, kind: str = "auto",
                     collection.snapshot()
                     since_snapshot = 0
                 bar.advance(task, len(ids))
+        count = collection.count  # before the close: a Milvus collection answers only while connected
     finally:
         collection.close(snapshot=True)
-    return Summary(name, collection.spec.kind, collection.count, added, existing, failed)
+        catalog.close()
+    return Summary(name, collection.spec.kind, count, added, existing, failed)

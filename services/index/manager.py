@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 
+from hqclip.repo.manifest import Manifest
 from services.index.collection import (
     AliasConflict,
     Catalog,
@@ -19,10 +20,8 @@ from services.index.collection import (
     CollectionNotFound,
     IndexSpec,
     Info,
-    InvalidInput,
     check_name,
 )
-from hqclip.repo.manifest import Manifest
 from services.settings import IndexParams, IndexSettings
 
 log = logging.getLogger("hqclip.index")
