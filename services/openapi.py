@@ -15,7 +15,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from services.index.manager import NAME
+from services.index.collection import NAME
 
 # A 1x1 PNG: the smallest image every image route decodes.
 PIXEL = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGM4IacBAALAAQ/aQIG5AAAAAElFTkSuQmCC"

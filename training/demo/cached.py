@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +24,7 @@ from torch import nn
 from training.config import TrainConfig
 from training.data import SkipCounter, iterate_samples
 from training.demo.distill import Distillation
+from training.demo.feature_file import CachedTensors
 from training.losses import HQCLIPLoss
 from training.tag_head import TagHead
 from training.text_tower import encode_pooled
@@ -35,7 +35,7 @@ TEXT_FIELDS = ("alt", "desc", "neg_desc", "tags", "neg_tags")
 
 
 @dataclass
-class Features:
+class Features(CachedTensors):
     """One split's tower outputs: per image the projection inputs, per distinct text the same."""
 
     keys: list[str]
@@ -47,19 +47,6 @@ class Features:
     text: torch.Tensor  # [T, text_dim] input of the text projection
     index: dict[str, torch.Tensor] = field(default_factory=dict)  # field -> [N] row in `text`
     skipped: dict[str, int] = field(default_factory=dict)
-
-    def save(self, path: Path) -> None:
-        tmp = Path(path).with_suffix(".tmp")
-        torch.save(asdict(self), tmp)
-        tmp.replace(path)
-
-    @classmethod
-    def load(cls, path: Path) -> Features:
-        return cls(**torch.load(path, map_location="cpu", weights_only=False))
-
-    def text_rows(self, texts: Iterable[str]) -> torch.Tensor:
-        where = {t: i for i, t in enumerate(self.texts)}
-        return self.text[[where[t] for t in texts]]
 
 
 @torch.no_grad()

@@ -17,14 +17,14 @@ Distillation images: the demo's training images and random crops of the unlabell
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from hqclip.repo.prompts import DEFAULT_TEMPLATES
+from training.demo.feature_file import CachedTensors
 from training.demo.photos import HELDOUT, PROBLEM_SIZE, TRAINING, crops, load
 
 
@@ -44,7 +44,7 @@ class DistillConfig(BaseModel):
 
 
 @dataclass
-class PhotoFeatures:
+class PhotoFeatures(CachedTensors):
     """Trunk features of the photo crops and held-out photos, text features of every prompt (one cache file)."""
 
     crops: torch.Tensor  # [C, 1280] crops of the TRAINING photos
@@ -55,19 +55,6 @@ class PhotoFeatures:
     classes: list[int]  # the ImageNet classes distilled (indices; all 1000 in the demo build)
     texts: list[str]  # their prompts (class-major) then the held-out classes' prompts
     text: torch.Tensor  # [T, 384] pooled text features
-
-    def save(self, path: Path) -> None:
-        tmp = Path(path).with_suffix(".tmp")
-        torch.save(asdict(self), tmp)
-        tmp.replace(path)
-
-    @classmethod
-    def load(cls, path: Path) -> PhotoFeatures:
-        return cls(**torch.load(path, map_location="cpu", weights_only=False))
-
-    def text_rows(self, texts: list[str]) -> torch.Tensor:
-        where = {t: i for i, t in enumerate(self.texts)}
-        return self.text[[where[t] for t in texts]]
 
 
 def imagenet_prompts(classes: list[int]) -> list[str]:
