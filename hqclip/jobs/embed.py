@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 from collections.abc import Awaitable, Callable
@@ -45,7 +46,8 @@ def output_path(out_dir: Path, shard: str) -> Path:
 def write_embeddings(path: Path, records: list[Record], vectors: np.ndarray, failed: list[str], model: str) -> None:
     """One embedding shard, atomically: a reader (or a rerun) never sees half of one."""
     tmp = path.with_name(path.name + ".tmp")
-    items = [json.dumps(r.item().model_dump(exclude={"id"}), ensure_ascii=False) for r in records]
+    items = [json.dumps({k: v for k, v in dataclasses.asdict(r.item()).items() if k != "id"}, ensure_ascii=False)
+             for r in records]
     with open(tmp, "wb") as f:
         np.savez(f, keys=np.array([r.id.rsplit("/", 1)[-1] for r in records], dtype=str),
                  ids=np.array([r.id for r in records], dtype=str), embeddings=vectors.astype(np.float32),
