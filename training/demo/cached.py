@@ -24,10 +24,9 @@ from torch import nn
 from training.config import TrainConfig
 from training.data import SkipCounter, iterate_samples
 from training.demo.distill import Distillation
-from training.demo.feature_file import CachedTensors
+from training.demo.feature_file import CachedTensors, pooled_texts
 from training.losses import HQCLIPLoss
 from training.tag_head import TagHead
-from training.text_tower import encode_pooled
 from training.train import param_groups, seed_everything, warmup_cosine
 from training.vocab import Vocabulary, build_vocabulary
 
@@ -72,10 +71,7 @@ def encode_features(model: nn.Module, transform, tokenizer, urls: list[str], ext
         chunk = samples[start:start + batch_size]
         image_rows.append(model.visual.trunk(torch.stack([transform(s.image) for s in chunk])).float())
         bar.update(len(chunk))
-    for start in range(0, len(texts), batch_size * 4):
-        chunk = texts[start:start + batch_size * 4]
-        text_rows.append(encode_pooled(model, tokenizer(chunk)).float())
-        bar.update(len(chunk))
+    text_rows += pooled_texts(model, tokenizer, texts, batch_size * 4, bar)
     bar.close()
     where = {t: i for i, t in enumerate(texts)}
     index = {name: torch.tensor([where[_texts(s)[k]] for s in samples]) for k, name in enumerate(TEXT_FIELDS)}

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from hqclip.repo.prompts import DEFAULT_TEMPLATES
-from training.demo.feature_file import CachedTensors
+from training.demo.feature_file import CachedTensors, pooled_texts
 from training.demo.photos import HELDOUT, PROBLEM_SIZE, TRAINING, crops, load
 
 
@@ -76,7 +76,6 @@ def encode_photo_features(model, transform, tokenizer, crops_per_photo: int = 24
     ``classes`` (ImageNet indices; default all 1000) and of the held-out classes."""
     from tqdm import tqdm
 
-    from training.text_tower import encode_pooled
 
     model.eval()  # photos go to pixels at once: a few hundred crops of 4-megapixel photos would take gigabytes
     pending = [(name, transform(crop)) for name in TRAINING for crop in crops(load(name), crops_per_photo, name)]
@@ -89,10 +88,7 @@ def encode_photo_features(model, transform, tokenizer, crops_per_photo: int = 24
         chunk = pending[start:start + batch_size]
         image_rows.append(model.visual.trunk(torch.stack([pixels for _, pixels in chunk])).float())
         bar.update(len(chunk))
-    for start in range(0, len(texts), batch_size * 4):
-        chunk = texts[start:start + batch_size * 4]
-        text_rows.append(encode_pooled(model, tokenizer(chunk)).float())
-        bar.update(len(chunk))
+    text_rows += pooled_texts(model, tokenizer, texts, batch_size * 4, bar)
     bar.close()
     image = torch.cat(image_rows)
     n_crops = len(TRAINING) * crops_per_photo

@@ -29,3 +29,15 @@ class CachedTensors:
     def text_rows(self, texts: Iterable[str]) -> torch.Tensor:
         where = {t: i for i, t in enumerate(self.texts)}
         return self.text[[where[t] for t in texts]]
+
+
+def pooled_texts(model, tokenizer, texts: list[str], batch_size: int, bar) -> list[torch.Tensor]:
+    """The text tower's pooled features (before the projection) of ``texts``, a batch at a time, in order."""
+    from training.text_tower import encode_pooled
+
+    rows = []
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start:start + batch_size]
+        rows.append(encode_pooled(model, tokenizer(chunk)).float())
+        bar.update(len(chunk))
+    return rows
