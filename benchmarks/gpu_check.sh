@@ -79,7 +79,7 @@ if [[ $mode == gpu ]]; then
 else
   card="CPU $(lscpu | sed -n 's/^Model name: *//p' | head -1), no GPU: a smoke test of gpu_check.sh, not a benchmark"
   model=$out/tiny device=cpu
-  "$PYTHON" -c "import sys; from tests.tiny import write_tiny_checkpoint; write_tiny_checkpoint(sys.argv[1])" "$model"
+  "$PYTHON" -c "import sys; from testkit.tiny import write_tiny_checkpoint; write_tiny_checkpoint(sys.argv[1])" "$model"
   tower=(--precisions fp32 --batch-sizes 1,4 --seconds 0.2 --repeats 1 --warmup 2)
   compiled=(--precisions fp32 --compiled-batch-sizes 4 --seconds 0.2 --repeats 1 --warmup 2)
   train=(--batch-size 8 --steps 1 --rounds 1 --vocab 100)

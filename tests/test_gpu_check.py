@@ -26,6 +26,7 @@ def test_gpu_check_runs_every_step_on_a_cpu_and_appends_one_section(tmp_path):
     proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--cpu", "--results", str(results), "--out", str(out)],
                           cwd=ROOT, env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True,
                           timeout=2000)
+    assert (out / "gpu_check.md").exists(), f"exit {proc.returncode}: " + proc.stdout[-4000:] + proc.stderr[-2000:]
     section = (out / "gpu_check.md").read_text()
     assert proc.returncode == 0, section + proc.stdout[-4000:] + proc.stderr[-2000:]
     assert results.read_text() == "# Benchmark results\n" + section  # appended once, nothing else touched
