@@ -96,6 +96,11 @@ class IndexSettings(IndexParams):
         "data/collections/milvus.db", description="milvus: http://host:19530 (a server or cluster), or a local "
         "file path ending in .db (milvus-lite, embedded).",
     )
+    milvus_consistency: Literal["Strong", "Session", "Bounded", "Eventually"] = Field(
+        "Strong", description="milvus: the consistency level of every search and read. Strong: every write "
+        "acknowledged by any gateway is seen (~200 ms a search: Milvus's time tick); Session: this gateway's own "
+        "writes are seen; Bounded: seconds-stale reads in a few ms (docs/retrieval.md, Milvus).",
+    )
     dir: Path = Field(Path("data/collections"), description="Folder of collections, one subfolder each.")
     snapshot_interval_s: float = Field(30.0, gt=0, description="How often changed collections are snapshotted.")
     gpu: bool = Field(True, description="Run indexes on a GPU when FAISS sees one (a faiss-gpu build).")

@@ -17,10 +17,13 @@ DIM = 16
 N = 120
 
 
-@pytest.fixture(params=["faiss", "milvus"])
+@pytest.fixture(params=["faiss", "milvus", "milvus-session"])
 def settings(request, tmp_path) -> IndexSettings:
-    return IndexSettings(backend=request.param, dir=tmp_path / "collections", milvus_uri=str(tmp_path / "m.db"),
-                         gpu=False)
+    """Milvus twice: at the default consistency (Strong) and at Session, which a gateway alone on its database
+    may choose (HQCLIP_INDEX__MILVUS_CONSISTENCY): it must still read its own writes at once."""
+    backend, _, level = request.param.partition("-")
+    return IndexSettings(backend=backend, dir=tmp_path / "collections", milvus_uri=str(tmp_path / "m.db"),
+                         gpu=False, milvus_consistency=(level or "strong").capitalize())
 
 
 def unit(n: int, seed: int = 0) -> np.ndarray:

@@ -14,6 +14,8 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.servers.milvus import index_env
+
 pytestmark = pytest.mark.slow
 
 WRITERS = 4
@@ -161,6 +163,24 @@ def test_kill_minus_nine_during_ingestion_loses_and_duplicates_nothing(gateway_f
             assert db.execute("SELECT count(*) FROM wal").fetchone()[0] > 0, "nothing left to replay"
 
     restarted = gateway_factory(HQCLIP_INDEX__DIR=str(folder))
+    client = httpx.Client(base_url=restarted.url, timeout=60)
+    for kind, w in writers.items():
+        check_acknowledged_writes(client, kind, w)
+
+
+@pytest.mark.parametrize("backend", ["milvus-lite", "milvus-server"])
+def test_kill_minus_nine_of_the_gateway_on_milvus(backend, gateway_factory, tmp_path, request):
+    server = request.getfixturevalue("milvus_server") if backend == "milvus-server" else None
+    env = index_env(backend, tmp_path / "collections", server)
+    gateway = gateway_factory(**env)
+    writers = start_writers(httpx.Client(base_url=gateway.url, timeout=60), gateway.url)
+    for w in writers.values():
+        w.wait_for(ACKED_BEFORE_KILL)
+    gateway.kill()
+    for w in writers.values():
+        w.join()
+
+    restarted = gateway_factory(**env)
     client = httpx.Client(base_url=restarted.url, timeout=60)
     for kind, w in writers.items():
         check_acknowledged_writes(client, kind, w)

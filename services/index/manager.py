@@ -32,7 +32,7 @@ def open_catalog(settings: IndexSettings) -> Catalog:
     if settings.backend == "milvus":
         from services.index.milvus import MilvusCatalog
 
-        return MilvusCatalog(settings.milvus_uri)
+        return MilvusCatalog(settings.milvus_uri, settings.milvus_consistency)
     from services.index.faiss_sqlite import FaissCatalog
 
     return FaissCatalog(settings.dir, settings.gpu)

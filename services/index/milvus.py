@@ -11,8 +11,13 @@ and one catalog collection, ``hqclip_catalog``, holding what each collection rec
 model, fingerprint); Milvus requires a vector field, so its rows carry a 2-d placeholder. Aliases are Milvus
 aliases, flipped server-side in one step.
 
-Consistency is ``Strong`` for every collection: a search waits until it sees every write acknowledged before it,
-so an acknowledged upsert or delete is searchable at once (docs/retrieval.md, Durability).
+milvus-lite (2.5) tears its write-ahead log when two threads write at once and a kill -9 follows: recovery stops at
+the torn batch and drops every write after it (tests/test_durability.py found it: half the acknowledged items gone).
+Writes through one milvus-lite catalog therefore go one at a time (``write_lock``); a Milvus server takes them
+concurrently.
+
+Consistency is ``Strong`` by default (``HQCLIP_INDEX__MILVUS_CONSISTENCY``): a search waits until it sees every write
+acknowledged before it, so an acknowledged upsert or delete is searchable at once (docs/retrieval.md, Durability).
 
 Index kinds: flat -> FLAT, hnsw -> HNSW (M, efConstruction; ef at search), ivfpq -> IVF_PQ (nlist, m, 8 bits;
 nprobe at search) whose ``rerank`` x k candidates are re-ranked exactly against the stored full vectors here, as
@@ -21,8 +26,10 @@ the FAISS backend does (Milvus 2.3 has no refine step for IVF_PQ); milvus-lite h
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -124,11 +131,12 @@ class MilvusCollection(Collection):
     def __init__(self, catalog: MilvusCatalog, name: str, info: Info) -> None:
         self.catalog, self.client = catalog, catalog.client
         self.name, self.milvus_name, self.info = name, physical(name), info
+        self.level = catalog.consistency  # of every read and search
 
     # -- reads and writes --------------------------------------------------------------------------------------
     @property
     def count(self) -> int:
-        rows = self.client.query(self.milvus_name, filter="", output_fields=["count(*)"], consistency_level="Strong")
+        rows = self.client.query(self.milvus_name, filter="", output_fields=["count(*)"], consistency_level=self.level)
         return int(rows[0]["count(*)"])
 
     def _rows(self, ids: list[str], fields: list[str]) -> dict[str, dict]:
@@ -136,7 +144,7 @@ class MilvusCollection(Collection):
         for start in range(0, len(ids), MAX_IDS):
             chunk = ids[start : start + MAX_IDS]
             for row in self.client.query(self.milvus_name, filter=_id_list(chunk), output_fields=fields,
-                                         consistency_level="Strong"):
+                                         consistency_level=self.level):
                 out[row["id"]] = row
         return out
 
@@ -153,7 +161,8 @@ class MilvusCollection(Collection):
                  "created": float(known[item.id]["created"]) if item.id in known else now}
                 for item, vector in zip(items, x)]
         try:
-            self.client.upsert(self.milvus_name, rows)
+            with self.catalog.write_lock:
+                self.client.upsert(self.milvus_name, rows)
         except MilvusException as exc:
             if exc.code == 1100:  # invalid parameter: the data, not the server
                 raise _invalid(exc) from None
@@ -163,7 +172,8 @@ class MilvusCollection(Collection):
         wanted = list(dict.fromkeys(ids))
         found = self._rows(wanted, ["id"])
         if found:
-            self.client.delete(self.milvus_name, ids=list(found))
+            with self.catalog.write_lock:
+                self.client.delete(self.milvus_name, ids=list(found))
         return [i for i in wanted if i in found]
 
     def get(self, ids: list[str]) -> dict[str, Item]:
@@ -187,14 +197,14 @@ class MilvusCollection(Collection):
         if self.spec.kind == "ivfpq":
             return [hits[offset:] for hits in self._reranked(q, k, expr)]
         found = self.client.search(self.milvus_name, data=q.tolist(), limit=k, filter=expr, output_fields=_FIELDS,
-                                   search_params=_search_params(self.spec, k), consistency_level="Strong")
+                                   search_params=_search_params(self.spec, k), consistency_level=self.level)
         return [[self._hit(h["id"], h["distance"], h["entity"]) for h in row][offset:] for row in found]
 
     def _reranked(self, q: np.ndarray, k: int, expr: str) -> list[list[Hit]]:
         """IVF_PQ's ``rerank`` x k candidates per query, re-ranked by exact inner product with the stored vectors."""
         wanted = min(max(k, k * self.spec.rerank), MAX_LIMIT)
         found = self.client.search(self.milvus_name, data=q.tolist(), limit=wanted, filter=expr, output_fields=[],
-                                   search_params=_search_params(self.spec, wanted), consistency_level="Strong")
+                                   search_params=_search_params(self.spec, wanted), consistency_level=self.level)
         ids = list(dict.fromkeys(h["id"] for row in found for h in row))
         rows = self._rows(ids, ["vector", *_FIELDS])
         results = []
@@ -225,11 +235,12 @@ class MilvusCollection(Collection):
 class MilvusCatalog(Catalog):
     backend = "milvus"
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, consistency: str = "Strong") -> None:
         if "://" not in uri:  # milvus-lite: a local file
             Path(uri).parent.mkdir(parents=True, exist_ok=True)
-        self.uri = uri
+        self.uri, self.consistency = uri, consistency  # of item reads and searches; the catalog's are Strong
         self.client = MilvusClient(uri)
+        self.write_lock = threading.Lock() if "://" not in uri else contextlib.nullcontext()  # see the top
         if not self.client.has_collection(CATALOG):
             schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
             schema.add_field("name", DataType.VARCHAR, is_primary=True, max_length=256)
@@ -244,7 +255,8 @@ class MilvusCatalog(Catalog):
     def save_info(self, name: str, info: Info) -> None:
         record = {"spec": info.spec.model_dump(), "model": info.model, "fingerprint": info.fingerprint,
                   "created": info.created}
-        self.client.upsert(CATALOG, [{"name": name, "info": record, "placeholder": [0.0, 0.0]}])
+        with self.write_lock:
+            self.client.upsert(CATALOG, [{"name": name, "info": record, "placeholder": [0.0, 0.0]}])
 
     def _infos(self) -> dict[str, Info]:
         rows = self.client.query(CATALOG, filter='name != ""', output_fields=["name", "info"],
