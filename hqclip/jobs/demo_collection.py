@@ -4,6 +4,7 @@ gateway loads at start, so a fresh ``make serve`` has something to search (``hqc
 Each item keeps its caption and tags and gets a small JPEG thumbnail (``attributes.thumbnail``, what the web page
 shows; ``hqclip-client ingest`` stores the same), from copies of the shards written once into the work folder.
 
+Whichever backend stores collections (``HQCLIP_INDEX__BACKEND``: FAISS folders or Milvus), through its catalog.
 Idempotent and resumable: the marker ``<index dir>/.demo-seed.json`` says which model embedded the collection and
 whether seeding finished. A rerun resumes an interrupted seed (``hqclip index build`` skips stored ids), keeps a
 finished one, and rebuilds it when the demo model changed (another fingerprint: old vectors answer nothing right).
@@ -24,7 +25,8 @@ from PIL import Image
 from hqclip.jobs.index_build import build
 from hqclip.repo.manifest import load_manifest
 from hqclip.shards import json_member, read_tar, write_tar
-from services.index.faiss_sqlite import FaissCollection as Collection
+from services.index.collection import Catalog, CollectionNotFound
+from services.index.manager import open_catalog
 from services.settings import Settings
 
 NAME = "demo"
@@ -34,15 +36,15 @@ THUMBNAIL_PIXELS = 128
 
 @dataclass
 class Seeded:
-    path: Path
+    where: str  # the collection's folder, or its Milvus URI
     count: int
     action: str  # built, resumed, kept, rebuilt, or foreign (a user's own collection named demo: untouched)
 
     def __str__(self) -> str:
         if self.action == "foreign":
-            return (f"collection: {self.path} was not made by the demo build; kept as it is (delete it and run "
+            return (f"collection: {self.where} was not made by the demo build; kept as it is (delete it and run "
                     f"`hqclip demo build` again for the demo's images)")
-        return f"collection: {self.path}, {self.count} held-out images ({self.action})"
+        return f"collection: {self.where}, {self.count} held-out images ({self.action})"
 
 
 def marker_path(settings: Settings) -> Path:
@@ -70,34 +72,49 @@ def with_thumbnails(shard: Path, folder: Path) -> Path:
 
 
 def seed(shards: list[Path], settings: Settings, work: Path, progress: bool = True) -> Seeded:
-    """Embed the held-out ``shards`` (copied with thumbnails into ``work``) into collection ``demo`` under
-    ``settings.index.dir`` with the model ``settings.model`` of ``settings.model_repo``. Raises CollectionBusy while
-    a gateway holds the collection."""
+    """Embed the held-out ``shards`` (copied with thumbnails into ``work``) into collection ``demo`` of the
+    configured backend with the model ``settings.model`` of ``settings.model_repo``. Raises CollectionBusy while a
+    gateway holds the (FAISS) collection."""
     manifest = load_manifest(settings.model_repo, settings.model)
-    folder, marker = Path(settings.index.dir) / NAME, marker_path(settings)
+    marker = marker_path(settings)
+    where = (f"{settings.index.milvus_uri} (Milvus)" if settings.index.backend == "milvus"
+             else str(Path(settings.index.dir) / NAME))
     identity = {"model": manifest.name, "fingerprint": manifest.fingerprint}
     seeded = json.loads(marker.read_text()) if marker.is_file() else None
     same_model = seeded is not None and all(seeded.get(k) == v for k, v in identity.items())
-    action = "built"
-    if folder.exists() and seeded is None:
-        return Seeded(folder, 0, "foreign")
-    if folder.exists() and not (folder / "meta.sqlite").is_file():
-        shutil.rmtree(folder)  # ours, interrupted before its first write
-    if folder.exists():
-        collection = Collection.open(folder)  # CollectionBusy while a gateway serves it: the caller says so
-        count = collection.count
-        collection.close(snapshot=False)
-        if same_model and seeded.get("complete"):
-            return Seeded(folder, count, "kept")
-        if same_model:
-            action = "resumed"
-        else:
-            shutil.rmtree(folder)
-            action = "rebuilt"
+    catalog = open_catalog(settings.index)
+    try:
+        action, count = _prepare(catalog, settings, seeded, same_model)
+    finally:
+        catalog.close()
+    if action in ("foreign", "kept"):
+        return Seeded(where, count, action)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({**identity, "complete": False}))
     count = 0
     for shard in shards:
         count = build(with_thumbnails(Path(shard), Path(work)), NAME, settings, progress=progress).count
     marker.write_text(json.dumps({**identity, "complete": True}))
-    return Seeded(folder, count, action)
+    return Seeded(where, count, action)
+
+
+def _prepare(catalog: Catalog, settings: Settings, seeded: dict | None, same_model: bool) -> tuple[str, int]:
+    """What to do with the collection there now, and its count: built (none there), foreign, kept, resumed or
+    rebuilt (dropped here)."""
+    folder = Path(settings.index.dir) / NAME
+    if settings.index.backend == "faiss" and folder.exists() and not (folder / "meta.sqlite").is_file():
+        shutil.rmtree(folder)  # ours or not, a folder interrupted before its first write holds nothing
+    if not catalog.exists(NAME):
+        return "built", 0
+    if seeded is None:
+        return "foreign", 0
+    try:
+        collection = catalog.open(NAME)  # CollectionBusy while a gateway serves it: the caller says so
+    except CollectionNotFound:  # an alias named demo: the user's
+        return "foreign", 0
+    if not same_model:
+        catalog.drop(collection)
+        return "rebuilt", 0
+    count = collection.count
+    collection.close(snapshot=False)
+    return ("kept" if seeded.get("complete") else "resumed"), count
