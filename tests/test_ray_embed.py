@@ -123,10 +123,15 @@ def test_a_killed_actor_on_a_two_node_cluster_loses_no_shard(cluster, shards, re
     assert again.returncode == 0 and f"0 done now, {SHARDS} already done" in again.stdout, again.stdout
 
 
-def test_index_build_loads_embedding_shards(reference, env, tmp_path):
-    from services.index.faiss_sqlite import FaissCollection as Collection
+@pytest.mark.parametrize("backend", ["faiss", "milvus"])
+def test_index_build_loads_embedding_shards(reference, env, tmp_path, backend):
+    """Into FAISS and into Milvus (milvus-lite here), the configured backend's catalog."""
+    from services.index.manager import open_catalog
+    from services.settings import IndexSettings
 
-    env = {**env, "HQCLIP_INDEX__DIR": str(tmp_path / "collections")}
+    index = IndexSettings(backend=backend, dir=tmp_path / "collections", milvus_uri=str(tmp_path / "m.db"), gpu=False)
+    env = {**env, "HQCLIP_INDEX__BACKEND": backend, "HQCLIP_INDEX__DIR": str(index.dir),
+           "HQCLIP_INDEX__MILVUS_URI": index.milvus_uri}
     command = [sys.executable, "-m", "hqclip.cli", "index", "build", str(reference), "photos"]
     first = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
@@ -134,13 +139,15 @@ def test_index_build_loads_embedding_shards(reference, env, tmp_path):
     assert '"added": 80' in first.stdout and '"skipped_existing": 80' in again.stdout, first.stdout + again.stdout
 
     ids, vectors, items, _ = read_embeddings(reference / "shard-00003.npz")
-    collection = Collection.open(tmp_path / "collections" / "photos")
+    catalog = open_catalog(index)
+    collection = catalog.open("photos")
     try:
         assert collection.count == SHARDS * PER_SHARD
         hit = collection.search(vectors[2:3], top_k=1)[0][0]
         stored = collection.get([ids[2]])[ids[2]]
     finally:
         collection.close(snapshot=False)
+        catalog.close()
     assert hit.id == ids[2] and hit.score == pytest.approx(1.0, abs=1e-4)
     assert (stored.uri, stored.caption, stored.tags) == (items[2]["uri"], items[2]["caption"], items[2]["tags"])
 
