@@ -265,6 +265,7 @@ class CollectionInfo(BaseModel):
     model: str | None = Field(description="The model that embedded it (None: vectors of another dimension).")
     fingerprint: str | None = Field(description="That model's fingerprint; queries embedded by another get 409.")
     created: float
+    keep_images: bool = Field(False, description="Image items keep their bytes (for `hqclip reindex`).")
     spec: dict[str, Any] = Field(description="The index parameters besides kind and dim.")
     wal_pending: int = Field(0, description="faiss: WAL rows not yet covered by a snapshot.")
     gpu: bool = Field(False, description="faiss: searched on a GPU.")
