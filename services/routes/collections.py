@@ -230,6 +230,7 @@ async def _store(request: Request, collection: Collection, items: list[Item], te
         item.source = "text" if i in texts else "image" if i in images else "vector"
         item.text, item.image = texts.get(i), images.get(i)
     if not (texts or images):
+        await _refine(request, images, items, refine)  # refine=true without an LVLM: 400 all the same
         return await _upsert(collection, items, vectors)
     async with _embedder(request, collection, f"items[{min([*texts, *images])}]") as engine:
 
