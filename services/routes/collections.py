@@ -286,7 +286,8 @@ async def list_items(
     request: Request,
     after: str | None = Query(None, description="List the items with ids after this one (the last page's `next`)."),
     limit: int = Query(100, ge=1, le=1000, description="Most items in the page."),
-    since: float | None = Query(None, description="Only items written after this unix time (a page's `now`)."),
+    since: float | None = Query(None, allow_inf_nan=False,
+                                description="Only items written after this unix time (a page's `now`)."),
     images: bool = Query(False, description="Include kept image bytes (base64); needs an admin key when "
                          "HQCLIP_ADMIN_KEYS is set."),
 ) -> ItemsPage:
