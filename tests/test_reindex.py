@@ -24,7 +24,7 @@ from testkit.gateway import error, ok
 from testkit.photos import b64, jpeg
 from testkit.processes import ROOT
 from testkit.tiny import export_tiny_repo
-from tests.servers.milvus import index_env
+from tests.servers.milvus import BACKENDS, index_env
 from tests.swap import repo, retrained_checkpoint  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.slow
@@ -113,11 +113,12 @@ def model_of(hits: list[dict], scores: dict[str, dict[str, float]]) -> str:
     raise AssertionError(f"an answer matching neither model: {hits}")
 
 
-@pytest.mark.parametrize("backend", ["faiss", "milvus-lite"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_reindex_and_alias_flip_with_searches_running(gateway_factory, repo, retrained_checkpoint, tmp_path,
-                                                      backend):
+                                                      backend, request):
+    server = request.getfixturevalue("milvus_server") if backend == "milvus-server" else None
     gw = gateway_factory(HQCLIP_MODEL_REPO=str(repo), HQCLIP_ADMIN_KEYS="admin-key",
-                         **index_env(backend, tmp_path / "collections"))
+                         **index_env(backend, tmp_path / "collections", server))
     ok(call(gw, "POST", "/v1/collections", {"name": "photos.v0"}))
     ok(call(gw, "POST", "/v1/collections/photos/alias", {"target": "photos.v0"}))
     files = {}
