@@ -275,6 +275,35 @@ def join(
     typer.echo(json.dumps(join_annotations(shards, annotations, out, uid_field), sort_keys=True))
 
 
+@app.command()
+def reindex(
+    name: str = typer.Argument(..., help="The alias whose collection was embedded by a previous model (or a "
+                               "collection: it becomes an alias of its re-embedded copy)."),
+    gateway: str = typer.Option(..., help="The gateway's URL, serving the new model (e.g. http://127.0.0.1:8000)."),
+    api_key: str = typer.Option(None, envvar="HQCLIP_API_KEY", help="Bearer key; an admin key where "
+                                "HQCLIP_ADMIN_KEYS is set (the alias flip needs one)."),
+    keep_old: bool = typer.Option(False, "--keep-old", help="Keep the old collection after the flip."),
+    drop_vectors: bool = typer.Option(False, "--drop-vectors", help="Flip even though items added by vector "
+                                      "(nothing to embed again) are left out."),
+    batch_size: int = typer.Option(32, min=1, help="Items posted to the gateway at once."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Re-embed a collection with the model the gateway serves now into NAME.<fingerprint>, then flip the alias
+    NAME to it and delete the old one; a rerun resumes (docs/reindex.md)."""
+    with _needs("serve", "reindex"):
+        from hqclip.jobs.reindex import ReindexError
+        from hqclip.jobs.reindex import reindex as run
+
+    try:
+        summary = run(gateway, name, api_key=api_key, keep_old=keep_old, progress=progress,
+                      drop_vectors=drop_vectors, batch_size=batch_size)
+    except ReindexError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(str(summary))
+    raise typer.Exit(0 if summary.complete else 1)
+
+
 demo_app = typer.Typer(no_args_is_help=True, help="The offline demo model (no downloads: Debian packages + wheels).")
 app.add_typer(demo_app, name="demo")
 

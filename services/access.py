@@ -9,14 +9,30 @@ from __future__ import annotations
 import hmac
 import time
 
+from fastapi import Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.errors import error_body
+from services.errors import ApiError, error_body
 from services.metrics import Metrics
 from services.routes import page
 
 OPEN_PATHS = frozenset({"/health", "/ready"})
+
+
+def check_admin(request: Request, what: str, required: bool = True) -> None:
+    """403 unless the request carries an admin key (``HQCLIP_ADMIN_KEYS``); with none configured, 403 when
+    ``required``, else anyone may (``what`` names the action in the message)."""
+    keys = request.app.state.settings.admin_keys
+    if not keys:
+        if required:
+            raise ApiError(403, f"no admin keys are configured: set HQCLIP_ADMIN_KEYS to allow {what}",
+                           param="authorization", type="permission_error")
+        return
+    given = request.headers.get("authorization", "").removeprefix("Bearer ").strip().encode()
+    if not any([hmac.compare_digest(given, key.encode()) for key in keys]):  # noqa: C419 (no short cut: constant time)
+        raise ApiError(403, f"{what} needs an admin key (HQCLIP_ADMIN_KEYS): send 'Authorization: Bearer <key>'",
+                       param="authorization", type="permission_error")
 
 
 class AccessMiddleware:

@@ -26,8 +26,8 @@ from services.settings import Settings
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
-    serving = Serving(settings, metrics)  # the engine, swapped by a reload
     index = CollectionManager(settings.index)
+    serving = Serving(settings, metrics, in_use=index.fingerprints)  # the engine, swapped by a reload
     refiner = RefineClient.from_settings(settings.refine) if settings.refine.urls else None
 
     @asynccontextmanager

@@ -7,6 +7,11 @@ beside the current engine (every file checked against its checksum, sessions bui
 a real inference through each of its models, then swaps it in with one assignment; the old engine closes when its
 last lease ends. A load that fails leaves the current engine serving and raises ``LoadFailed`` saying why.
 ``watch`` (``HQCLIP_RELOAD_S``) looks at the manifest file's stamp every few seconds and reloads when it changed.
+
+Collections embedded by the previous model (``in_use``: the fingerprints collections record) still need it for
+their text and image queries until `hqclip reindex` replaces them: with ``HQCLIP_RELOAD_KEEP_PREVIOUS`` the previous
+engine is kept loaded (``retained``) and leased by such requests (``lease_retained``), then closed once no collection
+uses its fingerprint (``release_unused``, after a collection's deletion).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,13 +58,15 @@ def _stamp(path: Path) -> tuple[int, int, int]:
 class Serving:
     """The served engine, leased per request, and its replacement by ``reload``."""
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
-        self.settings, self.metrics = settings, metrics
+    def __init__(self, settings: Settings, metrics: Metrics,
+                 in_use: Callable[[], set[str]] = frozenset) -> None:
+        self.settings, self.metrics, self._in_use = settings, metrics, in_use
         self._path = find_manifest(settings.model_repo, settings.model)
         self._seen = _stamp(self._path)
         self.engine = Engine(settings, metrics)
         self._leases: Counter[Engine] = Counter()
         self._retired: list[Engine] = []
+        self._retained: dict[str, Engine] = {}  # fingerprint -> a previous engine collections still need
         self._lock = asyncio.Lock()
         self._watcher: asyncio.Task | None = None
 
@@ -72,13 +79,42 @@ class Serving:
         if self._watcher is not None:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)
-        for engine in [*self._retired, self.engine]:
+        for engine in [*self._retired, *self._retained.values(), self.engine]:
             await engine.close()
 
-    @asynccontextmanager
-    async def lease(self) -> AsyncIterator[Engine]:
+    @property
+    def retained(self) -> list[str]:
+        """Fingerprints of the previous models kept loaded for the collections they embedded."""
+        return sorted(self._retained)
+
+    def lease(self) -> AsyncIterator[Engine]:
         """The engine serving now, kept whole for the caller however many reloads happen meanwhile."""
-        engine = self.engine
+        return self._hold(self.engine)
+
+    @asynccontextmanager
+    async def lease_retained(self, fingerprint: str) -> AsyncIterator[Engine | None]:
+        """The previous engine of this fingerprint, kept for the caller (None: not retained)."""
+        engine = self._retained.get(fingerprint)
+        if engine is None:
+            yield None
+            return
+        async with self._hold(engine) as held:
+            yield held
+
+    async def release_unused(self) -> None:
+        """Close the retained engines no collection needs any more (their last lease ends first)."""
+        used = self._in_use()
+        for fingerprint in [f for f in self._retained if f not in used]:
+            log.info("no collection uses %s any more: closing its engine", fingerprint)
+            await self._retire(self._retained.pop(fingerprint))
+
+    async def _retire(self, engine: Engine) -> None:
+        self._retired.append(engine)
+        if not self._leases[engine]:
+            await self._close_retired(engine)
+
+    @asynccontextmanager
+    async def _hold(self, engine: Engine) -> AsyncIterator[Engine]:
         self._leases[engine] += 1
         try:
             yield engine
@@ -118,9 +154,15 @@ class Serving:
                 raise LoadFailed(f"the new export of '{new.manifest.name}' cannot serve: {exc}; "
                                  f"still serving {old.fingerprint}") from exc
             self.engine = new  # the swap: requests from here on lease the new engine
-            self._retired.append(old)
-            if not self._leases[old]:
-                await self._close_retired(old)
+            stale = self._retained.pop(new.fingerprint, None)  # a swap back to a retained model: loaded afresh
+            if stale is not None:
+                await self._retire(stale)
+            if self.settings.reload_keep_previous and old.fingerprint in self._in_use():
+                self._retained[old.fingerprint] = old
+                log.info("keeping %s loaded: collections embedded by it answer queries until re-embedded "
+                         "(`hqclip reindex`)", old.fingerprint)
+            else:
+                await self._retire(old)
             seconds = time.perf_counter() - started
             log.info("now serving %s (%s, was %s), loaded in %.1fs", new.manifest.name, new.fingerprint,
                      old.fingerprint, seconds)

@@ -162,6 +162,8 @@ class CreateCollectionRequest(BaseModel):
         description="Index parameters overriding the HQCLIP_INDEX__* defaults: kind (flat, hnsw, ivfpq), hnsw_m, "
         "ef_construction, ef_search, nlist, pq_m, nprobe, rerank.",
     )
+    keep_images: bool = Field(False, description="Image items keep their bytes, so `hqclip reindex` can embed them "
+                              "again without their uri (FAISS only; costs the images' size on disk).")
 
 
 class ItemMetadata(BaseModel):
@@ -263,6 +265,7 @@ class CollectionInfo(BaseModel):
     model: str | None = Field(description="The model that embedded it (None: vectors of another dimension).")
     fingerprint: str | None = Field(description="That model's fingerprint; queries embedded by another get 409.")
     created: float
+    keep_images: bool = Field(False, description="Image items keep their bytes (for `hqclip reindex`).")
     spec: dict[str, Any] = Field(description="The index parameters besides kind and dim.")
     wal_pending: int = Field(0, description="faiss: WAL rows not yet covered by a snapshot.")
     gpu: bool = Field(False, description="faiss: searched on a GPU.")
@@ -280,11 +283,31 @@ class DeletedCollection(BaseModel):
 
 class AliasRequest(BaseModel):
     target: str = Field(description="The collection the alias serves from now on.")
+    replace: bool = Field(False, description="When the alias's name is a collection: delete that collection and "
+                          "let the alias take its name in the same step.")
 
 
 class AliasResponse(BaseModel):
     alias: str
     target: str
+
+
+class StoredItem(ItemMetadata):
+    """An item as stored, with what it was embedded from (docs/reindex.md)."""
+
+    source: Literal["text", "image", "vector"] | None = Field(
+        description="What it was embedded from; null: stored before sources were kept.")
+    text: str | None = Field(None, description="A text item's text.")
+    image: str | None = Field(None, description="base64 of an image item's bytes (keep_images, with images=true).")
+    updated: float | None = Field(None, description="Unix time of its last write.")
+
+
+class ItemsPage(BaseModel):
+    collection: str = Field(description="The collection the name resolved to (an alias's target).")
+    fingerprint: str | None
+    now: float = Field(description="The gateway's clock when the page was read: `since` for a later catch-up.")
+    items: list[StoredItem]
+    next: str | None = Field(description="`after` for the next page; null on the last one.")
 
 
 class UpsertResponse(BaseModel):

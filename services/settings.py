@@ -179,6 +179,11 @@ class Settings(BaseSettings):
         0.0, ge=0, description="Seconds between looks at the served manifest file; when it changed (a new `hqclip "
         "export`), the new model is loaded beside the old one and swapped in. 0 = no watcher (POST /v1/admin/reload).",
     )
+    reload_keep_previous: bool = Field(
+        True, description="After a reload, keep the previous model loaded while a collection still holds its "
+        "vectors, so text and image queries on it keep working until `hqclip reindex` has re-embedded it and its "
+        "old copy is deleted (docs/reindex.md). Costs a second model's memory meanwhile; false: such queries get 409.",
+    )
     log_level: str = Field("info", description="uvicorn log level.")
     batch: BatchSettings = BatchSettings()
     limits: LimitSettings = LimitSettings()

@@ -1,4 +1,5 @@
-"""The gateway launcher: a real ``hqclip serve`` process on a free port, with its own working and index folders."""
+"""The gateway launcher: a real ``hqclip serve`` process on a free port, with its own working and index folders; and
+the checks of its answers that test suites share."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import httpx
 
 from testkit.processes import checkout_env, die_with_parent, free_port, wait_until_healthy
 
@@ -67,3 +70,17 @@ def start(repo: Path, folder: Path, ready_path: str = "/health", **env: str) -> 
         gateway.kill()
         raise
     return gateway
+
+
+def ok(response: httpx.Response) -> dict:
+    """The JSON of a 2xx answer (anything else fails, with the answer)."""
+    assert response.status_code < 300, response.text
+    return response.json()
+
+
+def error(response: httpx.Response, status: int, param: str) -> dict:
+    """The error body of an answer that must be ``status`` naming the field ``param``, with a message."""
+    assert response.status_code == status, response.text
+    body = response.json()["error"]
+    assert body["param"] == param and body["message"], body
+    return body

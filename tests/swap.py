@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,12 @@ def retrained_checkpoint(tmp_path_factory) -> Path:
     from testkit.tiny import write_seeded_checkpoint
 
     return write_seeded_checkpoint(tmp_path_factory.mktemp("retrained"), seed=1)
+
+
+@pytest.fixture
+def repo(tiny_repo, tmp_path) -> Path:
+    """A copy of the tiny repository the test may export into."""
+    return Path(shutil.copytree(tiny_repo, tmp_path / "repo"))
 
 
 def reference(folder: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -107,3 +107,36 @@ def test_the_same_semantics_on_every_backend(settings, kind):
     assert reopened.aliases() == {} and not reopened.exists("legacy") and reopened.exists("photos.v1")
     again.close()
     reopened.close()
+
+
+def test_items_page_in_id_order_with_what_they_were_embedded_from(settings):
+    """What `hqclip reindex` reads: every item once, in id order, with its source; ``since`` keeps the later writes;
+    image bytes only where the collection keeps them (FAISS), refused on Milvus."""
+    catalog = open_catalog(settings)
+    keep = settings.backend == "faiss"
+    collection = catalog.create("sources", Info(IndexSpec(dim=DIM), "tiny", "abc", time.time(), keep))
+    stored = [Item(f"t{i:02d}", source="text", text=f"text {i}") for i in range(25)]
+    stored += [Item("img", uri="file:///img.jpg", source="image", image=b"\xff\xd8jpeg"), Item("vec", source="vector")]
+    collection.upsert(stored, unit(len(stored)))
+    pages, after = [], None
+    while True:
+        page = collection.items(after, limit=10, images=True)
+        pages.append([i.id for i in page])
+        if len(page) < 10:
+            break
+        after = page[-1].id
+    assert [i for page in pages for i in page] == sorted(i.id for i in stored) and len(pages) == 3
+    listed = {i.id: i for i in collection.items(limit=100, images=True)}
+    assert (listed["t03"].source, listed["t03"].text, listed["vec"].source) == ("text", "text 3", "vector")
+    assert (listed["img"].source, listed["img"].uri) == ("image", "file:///img.jpg")
+    assert listed["img"].image == (b"\xff\xd8jpeg" if keep else None)
+    assert collection.items(limit=100)[0].image is None  # bytes only when asked for
+    later = max(i.updated for i in listed.values())
+    collection.upsert([Item("t05", source="text", text="changed")], unit(1, seed=3))
+    assert [(i.id, i.text) for i in collection.items(since=later)] == [("t05", "changed")]
+    if not keep:
+        with pytest.raises(InvalidInput) as caught:
+            catalog.create("kept", Info(IndexSpec(dim=DIM), "tiny", "abc", time.time(), True))
+        assert caught.value.field == "keep_images"
+    collection.close()
+    catalog.close()

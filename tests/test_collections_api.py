@@ -9,6 +9,7 @@ import httpx
 import numpy as np
 import pytest
 
+from testkit.gateway import error, ok
 from testkit.photos import b64, data_uri, jpeg
 
 pytestmark = pytest.mark.slow
@@ -29,18 +30,6 @@ def dim(gw) -> int:
 
 def call(gw, method: str, path: str, body=None, **kwargs) -> httpx.Response:
     return httpx.request(method, f"{gw.url}{path}", json=body, timeout=120, **kwargs)
-
-
-def ok(response: httpx.Response) -> dict:
-    assert response.status_code < 300, response.text
-    return response.json()
-
-
-def error(response: httpx.Response, status: int, param: str) -> dict:
-    assert response.status_code == status, response.text
-    body = response.json()["error"]
-    assert body["param"] == param and body["message"], body
-    return body
 
 
 def create(gw, name: str, **body) -> dict:

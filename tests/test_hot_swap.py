@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import httpx
 import pytest
 
 from hqclip.repo.manifest import load_manifest, sha256_file
-from tests.swap import MIXED, Load, pair, references, retrained_checkpoint  # noqa: F401 (fixtures)
+from tests.swap import MIXED, Load, pair, references, repo, retrained_checkpoint  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.slow
 
@@ -27,12 +26,6 @@ ADMIN = {"Authorization": "Bearer admin-key"}
 WATCH_TIMEOUT_S = 60
 
 
-
-
-@pytest.fixture
-def repo(tiny_repo, tmp_path) -> Path:
-    """A copy of the tiny repository the test may export into."""
-    return Path(shutil.copytree(tiny_repo, tmp_path / "repo"))
 
 
 def _export(checkpoint: Path, repo: Path) -> str:

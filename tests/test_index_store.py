@@ -241,3 +241,24 @@ def test_gpu_search_matches_cpu(kind, tmp_path, data, queries):
                 assert hit.score == pytest.approx(common[hit.id], abs=1e-4)
     for collection in collections.values():
         collection.close(snapshot=False)
+
+
+def test_a_collection_stored_before_sources_were_kept_opens_with_them_empty(tmp_path):
+    """The items table of an older collection lacks source, text, image and updated: opening it adds them, its items
+    list with no source (`hqclip reindex` then uses their uri), and new writes keep theirs."""
+    import sqlite3
+
+    x = clustered(3)
+    collection = Collection.create(tmp_path / "old", IndexSpec(dim=DIM))
+    collection.upsert(items_for(2), x[:2])
+    collection.close()
+    with sqlite3.connect(tmp_path / "old" / "meta.sqlite") as conn:
+        for column in ("source", "text", "image", "updated"):
+            conn.execute(f"ALTER TABLE items DROP COLUMN {column}")
+    reopened = Collection.open(tmp_path / "old")
+    assert [(i.id, i.uri, i.source, i.updated) for i in reopened.items()] == \
+        [("item-0", "file:///0.jpg", None, None), ("item-1", "file:///1.jpg", None, None)]
+    reopened.upsert([Item("item-2", source="text", text="new")], x[2:])
+    assert [(i.source, i.text) for i in reopened.items(after="item-1")] == [("text", "new")]
+    assert reopened.count == 3
+    reopened.close()

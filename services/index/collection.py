@@ -67,15 +67,25 @@ class IndexSpec(IndexParams):
         return max(m for m in range(1, min(self.pq_m, self.dim) + 1) if self.dim % m == 0)
 
 
+SOURCES = ("text", "image", "vector")
+
+
 @dataclass
 class Item:
-    """An item's metadata."""
+    """An item's metadata, and what it was embedded from, kept so a new model can embed it again (docs/reindex.md):
+    ``source`` is "text", "image" or "vector" (None: stored before sources were kept); ``text`` the text of a text
+    item; ``image`` an image item's bytes, only in a collection made with ``keep_images``. ``updated`` (unix time of
+    the last write) is set by the store when items are listed."""
 
     id: str
     uri: str | None = None
     caption: str | None = None
     tags: list[str] = field(default_factory=list)
     attributes: dict[str, Any] = field(default_factory=dict)
+    source: str | None = None
+    text: str | None = None
+    image: bytes | None = None
+    updated: float | None = None
 
 
 @dataclass
@@ -108,6 +118,7 @@ class Info:
     model: str | None
     fingerprint: str | None  # the embedding model's (hqclip.repo.manifest.Manifest.fingerprint); None: not yet known
     created: float
+    keep_images: bool = False  # image items keep their bytes (for re-embedding); FAISS + SQLite only
 
 
 def check_name(name: str, what: str = "collection") -> str:
@@ -179,6 +190,12 @@ class Collection(abc.ABC):
         """The stored items among ``ids``."""
 
     @abc.abstractmethod
+    def items(self, after: str | None = None, limit: int = 100, since: float | None = None,
+              images: bool = False) -> list[Item]:
+        """Up to ``limit`` stored items with ids after ``after``, in id order (UTF-8 byte order), each with its
+        source and ``updated``; only those written after ``since`` when given; image bytes only when ``images``."""
+
+    @abc.abstractmethod
     def vector(self, item_id: str) -> np.ndarray:
         """The stored vector of an item; KeyError when there is none."""
 
@@ -210,6 +227,7 @@ class Collection(abc.ABC):
             "model": self.model,
             "fingerprint": self.fingerprint,
             "created": self.info.created,
+            "keep_images": self.info.keep_images,
             "spec": self.spec.model_dump(exclude={"kind", "dim"}),
         }
 

@@ -61,7 +61,11 @@ CREATE TABLE IF NOT EXISTS items (
     caption TEXT,
     tags TEXT NOT NULL DEFAULT '[]',      -- JSON list of strings
     attributes TEXT NOT NULL DEFAULT '{}',-- JSON object
-    created REAL NOT NULL                 -- unix time the id was first stored
+    created REAL NOT NULL,                -- unix time the id was first stored
+    source TEXT,                          -- text, image or vector: what it was embedded from (NULL: not kept)
+    text TEXT,                            -- a text item's text
+    image BLOB,                           -- an image item's bytes (collections made with keep_images)
+    updated REAL                          -- unix time of the last write
 );
 CREATE TABLE IF NOT EXISTS item_tags (tag TEXT NOT NULL, fid INTEGER NOT NULL, PRIMARY KEY (tag, fid)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS item_tags_fid ON item_tags (fid);
@@ -99,9 +103,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# columns added after the first release: a collection stored before them gets them at open, empty
+_ADDED_COLUMNS = {"source": "TEXT", "text": "TEXT", "image": "BLOB", "updated": "REAL"}
+_ITEM_COLUMNS = "fid, id, uri, caption, tags, attributes, created, source, text, image, updated"
+
+
 def _info(rows: dict[str, str]) -> Info:
     return Info(IndexSpec.model_validate_json(rows["spec"]), rows.get("model"), rows.get("fingerprint"),
-                float(rows["created"]))
+                float(rows["created"]), rows.get("keep_images") == "1")
 
 
 class FaissCollection(Collection):
@@ -133,17 +142,21 @@ class FaissCollection(Collection):
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")  # a commit is on disk before the caller is answered
         conn.executescript(SCHEMA)
+        have = {row[1] for row in conn.execute("PRAGMA table_info(items)")}
+        for column, kind in _ADDED_COLUMNS.items():
+            if column not in have:
+                conn.execute(f"ALTER TABLE items ADD COLUMN {column} {kind}")
         return conn, lock_file
 
     @classmethod
     def create(cls, path: Path, spec: IndexSpec, model: str | None = None, gpu=None,
-               fingerprint: str | None = None) -> FaissCollection:
+               fingerprint: str | None = None, keep_images: bool = False) -> FaissCollection:
         path = Path(path)
         path.mkdir(parents=True)
         conn, lock_file = cls._connect(path)
-        info = Info(spec, model, fingerprint, time.time())
+        info = Info(spec, model, fingerprint, time.time(), keep_images)
         rows = {"spec": spec.model_dump_json(), "model": model, "fingerprint": fingerprint,
-                "created": repr(info.created)}
+                "created": repr(info.created), "keep_images": "1" if keep_images else None}
         with conn:
             conn.execute("BEGIN")
             conn.executemany("INSERT INTO info VALUES (?, ?)", [(k, v) for k, v in rows.items() if v is not None])
@@ -236,14 +249,16 @@ class FaissCollection(Collection):
                     replaced.append(old_fid)
                 seq += 1
                 wal.append((seq, "add", seq, vector.astype("<f4").tobytes()))
+                image = item.image if self.info.keep_images and item.source == "image" else None
                 rows.append((seq, item.id, item.uri, item.caption, json.dumps(item.tags),
-                             json.dumps(item.attributes), created))
+                             json.dumps(item.attributes), created, item.source, item.text, image, now))
                 tags.extend((tag, seq) for tag in dict.fromkeys(item.tags))
             with self._conn:
                 self._conn.execute("BEGIN IMMEDIATE")
                 self._conn.executemany("INSERT INTO wal VALUES (?, ?, ?, ?)", wal)
                 self._forget(replaced)
-                self._conn.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                self._conn.executemany(f"INSERT INTO items ({_ITEM_COLUMNS}) VALUES ({', '.join('?' * 11)})",
+                                       rows)
                 self._conn.executemany("INSERT INTO item_tags VALUES (?, ?)", tags)
             self.state.seq = seq
             if replaced:
@@ -292,6 +307,16 @@ class FaissCollection(Collection):
             i: Item(id=i, uri=uri, caption=caption, tags=json.loads(tags), attributes=json.loads(attrs))
             for i, (_, uri, caption, tags, attrs) in rows.items()
         }
+
+    def items(self, after: str | None = None, limit: int = 100, since: float | None = None,
+              images: bool = False) -> list[Item]:
+        image = "image" if images else "NULL"
+        sql = (f"SELECT id, uri, caption, tags, attributes, source, text, {image}, updated FROM items "
+               "WHERE id > ? AND coalesce(updated, 0) > ? ORDER BY id LIMIT ?")
+        with self._lock:
+            rows = self._conn.execute(sql, (after or "", since if since is not None else -1.0, limit)).fetchall()
+        return [Item(i, uri, caption, json.loads(tags), json.loads(attrs), source, text, data, updated)
+                for i, uri, caption, tags, attrs, source, text, data, updated in rows]
 
     def vector(self, item_id: str) -> np.ndarray:
         with self._lock:
@@ -434,7 +459,8 @@ class FaissCatalog(Catalog):
         return (self.root / name).exists()
 
     def create(self, name: str, info: Info) -> Collection:
-        return FaissCollection.create(self.root / name, info.spec, info.model, self.gpu, info.fingerprint)
+        return FaissCollection.create(self.root / name, info.spec, info.model, self.gpu, info.fingerprint,
+                                      info.keep_images)
 
     def drop(self, collection: Collection) -> None:
         assert isinstance(collection, FaissCollection)

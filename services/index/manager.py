@@ -2,7 +2,9 @@
 start; with FAISS, snapshotted in the background every ``snapshot_interval_s`` and a last time on a clean stop.
 
 A name is a collection or an alias of one. Aliases resolve on every lookup, so flipping one (:meth:`alias`) moves
-every later request to the new collection at once: the hot swap of a re-embedded collection.
+every later request to the new collection at once: the hot swap of a re-embedded collection. A request holds the
+collection it resolved (:meth:`using`) until it ends: a collection deleted meanwhile (the old one, right after a
+flip) is gone for every later lookup at once, and dropped from storage when its last request ends.
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from hqclip.repo.manifest import Manifest
 from services.index.collection import (
@@ -44,6 +49,8 @@ class CollectionManager:
         self.catalog: Catalog | None = None
         self._collections: dict[str, Collection] = {}
         self._aliases: dict[str, str] = {}
+        self._users: Counter[str] = Counter()  # requests holding each collection (by name)
+        self._doomed: dict[str, Collection] = {}  # deleted while in use: dropped by their last user
         self._lock = threading.Lock()  # guards the dicts, not the collections (each has its own lock)
         self._stop = threading.Event()
         self._snapshotter: threading.Thread | None = None
@@ -100,16 +107,45 @@ class CollectionManager:
             except KeyError:
                 raise CollectionNotFound(name) from None
 
-    def create(self, name: str, params: IndexParams, dim: int | None, served: Manifest) -> Collection:
+    @contextmanager
+    def using(self, name: str) -> Iterator[Collection]:
+        """The collection ``name`` names, held for the caller: deleting it meanwhile drops it only when released."""
+        with self._lock:
+            try:
+                collection = self._collections[self._aliases.get(name, name)]
+            except KeyError:
+                raise CollectionNotFound(name) from None
+            self._users[collection.name] += 1
+        try:
+            yield collection
+        finally:
+            with self._lock:
+                self._users[collection.name] -= 1
+                last = not self._users[collection.name]
+                if last:
+                    del self._users[collection.name]
+                doomed = self._doomed.pop(collection.name, None) if last else None
+            if doomed is not None:  # off the event loop: a Milvus drop is a round trip
+                threading.Thread(target=self.catalog.drop, args=(doomed,), name="collection-drop").start()
+
+    def fingerprints(self) -> set[str]:
+        """The fingerprints of the models that embedded the collections served (services/reload.py keeps their
+        engines loaded)."""
+        with self._lock:
+            return {c.fingerprint for c in self._collections.values() if c.fingerprint}
+
+    def create(self, name: str, params: IndexParams, dim: int | None, served: Manifest,
+               keep_images: bool = False) -> Collection:
         """A new empty collection; ``dim`` defaults to the served model's, which it records as its embedder (the
-        model served now: after a hot swap, the new one)."""
+        model served now: after a hot swap, the new one). ``keep_images``: image items keep their bytes."""
         check_name(name)
         dim = dim or served.embed_dim
         own_model = dim == served.embed_dim
         info = Info(IndexSpec(**params.model_dump(), dim=dim), served.name if own_model else None,
-                    served.fingerprint if own_model else None, time.time())
+                    served.fingerprint if own_model else None, time.time(), keep_images)
         with self._lock:
-            if name in self._collections or name in self._aliases or self.catalog.exists(name):
+            if name in self._collections or name in self._aliases or name in self._doomed or \
+                    self.catalog.exists(name):
                 raise CollectionExists(name)
             collection = self.catalog.create(name, info)
             self._collections[name] = collection
@@ -129,11 +165,17 @@ class CollectionManager:
                 raise AliasConflict(f"alias '{pointing[0]}' points at collection '{name}'; flip or delete the alias "
                                     "first")
             collection = self._collections.pop(name)
+            if self._users[name]:
+                self._doomed[name] = collection
+                return
         self.catalog.drop(collection)
 
-    def alias(self, alias: str, target: str) -> None:
-        """Point ``alias`` at collection ``target`` in one atomic step (made if new, flipped if not)."""
+    def alias(self, alias: str, target: str, replace: bool = False) -> None:
+        """Point ``alias`` at collection ``target`` in one atomic step (made if new, flipped if not). ``replace``:
+        when ``alias`` is a collection, it is deleted and the alias takes its name in the same step (a collection
+        turned into an alias of its re-embedded copy; a request holding it at that moment may fail)."""
         check_name(alias, "alias")
+        replaced = None
         with self._lock:
             if target not in self._collections:
                 if target in self._aliases:
@@ -141,7 +183,14 @@ class CollectionManager:
                                         f"('{self._aliases[target]}')")
                 raise CollectionNotFound(target)
             if alias in self._collections:
-                raise AliasConflict(f"'{alias}' is a collection; an alias cannot take its name")
+                if not replace or alias == target:
+                    raise AliasConflict(f"'{alias}' is a collection; an alias cannot take its name (send "
+                                        "replace=true to delete the collection and alias its name)")
+                pointing = sorted(a for a, t in self._aliases.items() if t == alias)
+                if pointing:
+                    raise AliasConflict(f"alias '{pointing[0]}' points at collection '{alias}'; flip it first")
+                replaced = self._collections.pop(alias)
+                self.catalog.drop(replaced)  # now, not when idle: Milvus refuses an alias named like a collection
             self.catalog.set_alias(alias, target)
             self._aliases[alias] = target
-        log.info("alias %s -> collection %s", alias, target)
+        log.info("alias %s -> collection %s%s", alias, target, " (the collection it named deleted)" if replaced else "")

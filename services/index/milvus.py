@@ -5,7 +5,10 @@ One Milvus collection per collection, named ``c_<name>`` (Milvus names allow onl
 are escaped as ``_<hex>``), with the fields
 
     id (VARCHAR, primary key)   vector (FLOAT_VECTOR, unit length: inner product = cosine)
-    item (JSON: uri, caption)   tags (ARRAY of VARCHAR)   attributes (JSON)   created (DOUBLE)
+    item (JSON: uri, caption, source, text, updated)   tags (ARRAY of VARCHAR)   attributes (JSON)   created (DOUBLE)
+
+Image bytes are not kept (``keep_images`` is refused): a JSON field holds at most 64 KB, and object storage is
+where a cluster keeps images; an image item is re-embedded from its ``uri`` (docs/reindex.md).
 
 and one catalog collection, ``hqclip_catalog``, holding what each collection records about itself (index spec,
 model, fingerprint); Milvus requires a vector field, so its rows carry a 2-d placeholder. Aliases are Milvus
@@ -156,7 +159,9 @@ class MilvusCollection(Collection):
                                    "(the Milvus backend's limits)", "items")
         known = self._rows([item.id for item in items], ["created"])
         now = time.time()
-        rows = [{"id": item.id, "vector": vector.tolist(), "item": {"uri": item.uri, "caption": item.caption},
+        rows = [{"id": item.id, "vector": vector.tolist(),
+                 "item": {"uri": item.uri, "caption": item.caption, "source": item.source, "text": item.text,
+                          "updated": now},
                  "tags": item.tags, "attributes": item.attributes,
                  "created": float(known[item.id]["created"]) if item.id in known else now}
                 for item, vector in zip(items, x)]
@@ -180,6 +185,28 @@ class MilvusCollection(Collection):
         rows = self._rows(list(dict.fromkeys(ids)), _FIELDS)
         return {i: Item(i, r["item"].get("uri"), r["item"].get("caption"), list(r["tags"]), r["attributes"])
                 for i, r in rows.items()}
+
+    def items(self, after: str | None = None, limit: int = 100, since: float | None = None,
+              images: bool = False) -> list[Item]:
+        """Milvus queries have no order: the ids above ``after`` are read in windows of ``MAX_LIMIT``, narrowed
+        (``id <= bound``) until one window holds every id in its range, whose smallest ``limit`` are the page."""
+        base = f"id > {quote(after or '')}" + (f' and item["updated"] > {since!r}' if since is not None else "")
+        bound = None
+        while True:
+            expr = base + (f" and id <= {quote(bound)}" if bound is not None else "")
+            ids = sorted(r["id"] for r in self.client.query(self.milvus_name, filter=expr, output_fields=["id"],
+                                                             limit=MAX_LIMIT, consistency_level="Strong"))
+            if len(ids) < MAX_LIMIT:
+                break
+            bound = ids[limit - 1]
+        rows = self._rows(ids[:limit], _FIELDS)
+        out = []
+        for i in ids[:limit]:
+            if i in rows:  # deleted between the two reads: left out
+                item = rows[i]["item"] or {}
+                out.append(Item(i, item.get("uri"), item.get("caption"), list(rows[i]["tags"]),
+                                rows[i]["attributes"], item.get("source"), item.get("text"), None, item.get("updated")))
+        return out
 
     def vector(self, item_id: str) -> np.ndarray:
         rows = self._rows([item_id], ["vector"])
@@ -288,6 +315,9 @@ class MilvusCatalog(Catalog):
         return self.client.has_collection(physical(name)) or name in self.aliases()
 
     def create(self, name: str, info: Info) -> Collection:
+        if info.keep_images:
+            raise InvalidInput("keep_images: the Milvus backend keeps no image bytes (a JSON field holds at most "
+                               "64 KB); image items are re-embedded from their uri (docs/reindex.md)", "keep_images")
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=ID_BYTES)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=info.spec.dim)

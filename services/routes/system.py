@@ -49,7 +49,8 @@ async def health() -> dict:
 async def ready(request: Request) -> JSONResponse:
     """Ready when a real inference on a tiny input succeeds; each optional component reports on its own."""
     engine = engine_of(request)
-    checks: dict[str, object] = {"fingerprint": engine.fingerprint}
+    checks: dict[str, object] = {"fingerprint": engine.fingerprint,
+                                 "retained": request.app.state.serving.retained}  # kept for old collections
     try:
         checks["model"] = await engine.ready()
     except BackendUnavailable as exc:
