@@ -16,6 +16,8 @@ import time
 import uuid
 from pathlib import Path
 
+import yaml
+
 from testkit.processes import free_port
 
 SERVER = Path(sys.executable).with_name("milvus-server")
@@ -32,11 +34,25 @@ class MilvusServer:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> MilvusServer:
+        """Start it on ``data`` (new or kept from an earlier run) and wait until it answers."""
+        self._config.unlink(missing_ok=True)  # the wrapper writes it anew with the ports it bound
         with open(self.log, "ab") as out:
             self.process = subprocess.Popen([str(SERVER), "--data", str(self.data), "--proxy-port", str(self.port)],
                                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self.wait_ready()
         return self
+
+    @property
+    def _config(self) -> Path:
+        return self.data / "configs" / "milvus.yaml"
+
+    def _bound_port(self) -> int | None:
+        """The proxy port the wrapper bound: the one asked for, or the next free one when it cannot bind that (after a
+        kill -9 the closed connections' TIME_WAIT still hold it). None until the wrapper has written its config."""
+        try:
+            return int(yaml.safe_load(self._config.read_text())["proxy"]["port"])
+        except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
+            return None
 
     def wait_ready(self) -> None:
         """Poll until the proxy answers a request (not a sleep); fail with the log when the server dies or hangs."""
@@ -47,7 +63,11 @@ class MilvusServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"milvus-server exited with {self.process.returncode}:\n{self.tail()}")
+            port = self._bound_port()
             try:
+                if port is None:
+                    raise ConnectionError("no config written yet")
+                self.port, self.uri = port, f"http://127.0.0.1:{port}"
                 client = MilvusClient(self.uri, timeout=2)
                 client.list_collections()
                 client.close()
@@ -55,6 +75,10 @@ class MilvusServer:
             except Exception:  # not listening yet, or its coordinators not up yet
                 time.sleep(0.2)
         raise RuntimeError(f"milvus-server not ready after {STARTUP_TIMEOUT_S}s:\n{self.tail()}")
+
+    def on_this_port(self, database_uri: str) -> str:
+        """``database_uri`` (from :meth:`database`) on the port the server listens on now (a restart may move it)."""
+        return f"{self.uri}/{database_uri.rsplit('/', 1)[1]}"
 
     def tail(self) -> str:
         return self.log.read_bytes()[-4000:].decode("utf-8", errors="replace")

@@ -188,3 +188,26 @@ def test_kill_minus_nine_of_the_gateway_on_milvus(backend, gateway_factory, tmp_
     client = httpx.Client(base_url=restarted.url, timeout=60)
     for kind, w in writers.items():
         check_acknowledged_writes(client, kind, w)
+
+
+def test_kill_minus_nine_of_the_milvus_server(milvus_server, gateway_factory, tmp_path):
+    """The Milvus server (standalone: its own etcd and RocksMQ log) killed mid-ingest and restarted on its data:
+    every write the gateway acknowledged is there. The gateway's writes in flight fail (its answer or its connection
+    does), so their writers stop with those writes uncertain; a new gateway reads the restarted server."""
+    env = index_env("milvus-server", tmp_path / "collections", milvus_server)
+    gateway = gateway_factory(**env)
+    writers = start_writers(httpx.Client(base_url=gateway.url, timeout=60), gateway.url)
+    for w in writers.values():
+        w.wait_for(ACKED_BEFORE_KILL)
+    milvus_server.kill()
+    for w in writers.values():
+        w.join()
+    gateway.kill()
+    milvus_server.start()  # on the same data; the port may move (see testkit/milvus.py)
+
+    env["HQCLIP_INDEX__MILVUS_URI"] = milvus_server.on_this_port(env["HQCLIP_INDEX__MILVUS_URI"])
+    restarted = gateway_factory(**env)
+    client = httpx.Client(base_url=restarted.url, timeout=60)
+    for kind, w in writers.items():
+        assert not any(t.is_alive() for t in w.threads), "a writer went on writing with its Milvus server dead"
+        check_acknowledged_writes(client, kind, w)
