@@ -77,6 +77,11 @@ def export(
                                    "demo's held-out shards; where missing, an offline set (docs/precision.md)."),
     force: bool = typer.Option(False, "--force", help="Build a --precision this CPU only emulates (bf16 without "
                                "AVX512-BF16/AMX), gating it on 32 images; without it such an export is refused."),
+    version: str = typer.Option(None, help="Install as this Triton version beside the versions in --out: a number, "
+                                "or 'next' (one past the newest); a gateway then reloads it without a restart. "
+                                "Default: replace the model with version 1."),
+    keep_versions: int = typer.Option(2, min=1, help="With --version: versions kept (older ones deleted once "
+                                      "the manifest names the new one)."),
 ) -> None:
     """Export an open_clip model to the model repository: ONNX towers, config.pbtxt, tokenizer, manifest."""
     with _needs("train", "export"):
@@ -90,6 +95,8 @@ def export(
         from hqclip.repo.triton_config import TritonOptions
         from training.export import export_checkpoint
 
+    if version not in (None, "next") and not (version.isdigit() and int(version) >= 1):
+        raise typer.BadParameter(f"a positive number or 'next', not {version!r}", param_hint="--version")
     try:
         variants = requested_variants(precision or [], with_model=bool(model))
     except ValueError as exc:
@@ -106,7 +113,8 @@ def export(
             preferred_batch_sizes=tuple(int(s) for s in preferred_batch_sizes.split(",") if s.strip()),
             tensorrt=tensorrt, tensorrt_precision=tensorrt_precision)
         name = export_checkpoint(model, pretrained, out=out, name=name, max_batch_size=max_batch_size, opset=opset,
-                                 triton=triton).name.removesuffix(".manifest.json")
+                                 triton=triton, version=version,
+                                 keep_versions=keep_versions).name.removesuffix(".manifest.json")
     failed = False
     for variant in variants:  # each variant passes or fails on its own; any failure makes the exit status 1
         try:
