@@ -283,6 +283,38 @@ def join(
     typer.echo(json.dumps(join_annotations(shards, annotations, out, uid_field), sort_keys=True))
 
 
+@app.command()
+def loop(
+    config: Path = typer.Option(..., "--config", help="loop.yaml: work, data, train, gate, serve (docs/loop.md)."),
+    stop_after: str = typer.Option(None, help="Stop after this step (refine, train, gate, export, reload), e.g. "
+                                   "to look at the new model before the gate; a rerun goes on from there."),
+    progress: bool = typer.Option(True, help="Show each step's progress bars."),
+) -> None:
+    """One round of the loop: refine new raw shards with the LVLM -> train from the served model's checkpoint ->
+    gate it on a held-out set -> export the next version -> reload the gateway -> reindex collections; resumable."""
+    from pydantic import ValidationError
+
+    with _needs("serve", "loop"):
+        from hqclip.jobs.loop import STEPS, GateRefused, Loop, LoopError, load_loop_config
+
+    if stop_after not in (None, *STEPS):
+        raise typer.BadParameter(f"one of {', '.join(STEPS)}", param_hint="--stop-after")
+    try:
+        settings = load_loop_config(config)
+    except (ValidationError, ValueError, OSError) as exc:
+        typer.echo(f"error: {config}: {exc}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        summary = Loop(settings, progress=progress).run(stop_after)
+    except GateRefused as exc:
+        typer.echo(f"refused: {exc}", err=True)
+        raise typer.Exit(3) from None
+    except LoopError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(summary)
+
+
 demo_app = typer.Typer(no_args_is_help=True, help="The offline demo model (no downloads: Debian packages + wheels).")
 app.add_typer(demo_app, name="demo")
 

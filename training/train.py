@@ -203,6 +203,10 @@ def train(cfg: TrainConfig, bundle: ModelBundle | None = None) -> dict:
     start_head = start_vocab = None
     if cfg.model.init_from is not None and bundle is None:
         bundle, start_head, start_vocab = load_trained(cfg.model.init_from)
+        start = torch.load(cfg.model.init_from, map_location="cpu", weights_only=False, mmap=True)["config"]["model"]
+        # its architecture goes into this run's checkpoints, which evaluation and export load
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name": start["name"],
+                                                                           "pretrained": start["pretrained"]})})
     bundle = bundle or load_bundle(cfg.model.name, cfg.model.pretrained)
     clip = bundle.model
     frozen = freeze_towers(clip, cfg.model.freeze_image, cfg.model.freeze_text, cfg.model.train_projections)
