@@ -117,3 +117,11 @@ def test_the_loop_refines_trains_gates_exports_reloads_and_resumes(tmp_path, ser
     assert again.returncode == 0, again.stderr[-4000:]
     assert set(_statuses(again).values()) == {"skipped"}
     assert versions(repo, "tiny_image") == [2, 1] and _fingerprint(gateway) == new
+
+    # a changed input reruns its step and those after it, nothing before: the same model as version 3
+    changed = _loop(_config(tmp_path, served, gateway.url, vllm_server.url, tolerance=0.9))
+    assert changed.returncode == 0, changed.stderr[-4000:]
+    assert _statuses(changed) == {"refine": "skipped", "train": "skipped", "gate": "ran", "export": "ran",
+                                  "reload": "ran"}
+    assert "gate: its inputs changed since it ran" in changed.stderr
+    assert versions(repo, "tiny_image") == [3, 2] and _fingerprint(gateway) == new  # the same weights

@@ -33,7 +33,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 
+from hqclip.jobs.refine import FAILURE_LOG
 from hqclip.repo.manifest import load_manifest, sha256_file
+from hqclip.shards import count_samples
 
 STATE_FILE = "loop-state.json"
 STEPS = ("refine", "train", "gate", "export", "reload", "reindex")
@@ -58,7 +60,8 @@ class TrainSection(_Section):
     config: Path | None = Field(None, description="`hqclip train` YAML (steps, batch size, lr...).")
     overrides: list[str] = Field(default_factory=list, description="section.field=value for `hqclip train`.")
     launcher: list[str] = Field(default_factory=list, description="A command before `hqclip train`, e.g. "
-                                "[torchrun, --nproc_per_node, '8'] or [srun, ...]; empty: one process.")
+                                "[torchrun, --nproc_per_node, '8'] or [srun, ...] ($VARIABLES expand from the "
+                                "environment, e.g. $SLURM_NNODES); empty: one process.")
 
 
 class GateSection(_Section):
@@ -240,7 +243,7 @@ class Loop:
 
     def _hqclip(self, *args: str, what: str, launcher: list[str] = ()) -> None:
         """Run an `hqclip` command, its progress on this terminal; a failure says which command and how to go on."""
-        command = ([*launcher, str(Path(sys.executable).with_name("hqclip"))] if launcher
+        command = ([*map(os.path.expandvars, launcher), str(Path(sys.executable).with_name("hqclip"))] if launcher
                    else [sys.executable, "-m", "hqclip.cli"]) + list(args)
         result = subprocess.run(command)
         if result.returncode != 0:
@@ -255,9 +258,18 @@ class Loop:
                      *(["--ray-address", data.ray_address] if data.ray_address else []),
                      *([] if self.progress else ["--no-progress"]), what="refine")
         shards = sorted(str(p) for p in out.glob("*.tar"))
-        if not shards:
-            raise LoopError(f"refine wrote no shards into {out}: see {out / 'failures.jsonl'}")
-        return {"shards": shards}
+        samples = sum(count_samples(Path(shard)) for shard in shards)
+        failures = out / FAILURE_LOG
+        left_out = failures.read_text().splitlines() if failures.is_file() else []
+        if not samples:
+            first = json.loads(left_out[0])["error"] if left_out else "no input samples"
+            raise LoopError(f"refine refined no sample ({len(left_out)} left out, the first: {first}; all in "
+                            f"{failures}). Fix the cause (is data.lvlm a running LVLM server?), delete {out} (left-out "
+                            f"samples are not retried) and rerun `hqclip loop`")
+        if len(left_out) > samples:
+            self.console.print(f"[yellow]warning[/]: refine left out {len(left_out)} samples and refined {samples} "
+                               f"(see {failures})")
+        return {"shards": shards, "samples": samples, "left_out": len(left_out)}
 
     def train(self, previous: dict) -> dict:
         train, out = self.config.train, self.work / "train"

@@ -127,7 +127,7 @@ class TritonBackend(Backend):
                     and previous._files.get(model) != self._files[model]):
                 raise RuntimeError(f"the new {model} is version {version}, the version Triton serves now, which would "
                                    f"keep answering with the old weights: publish it as a new version folder "
-                                   f"({model}/{int(version) + 1}/, docs/deploy.md)")
+                                   f"({model}/{int(version) + 1}/: `hqclip export --version next`, docs/deploy.md)")
             try:
                 if await self._connect().is_model_ready(model, version):
                     continue
