@@ -22,8 +22,6 @@ from hqclip.repo.manifest import load_manifest
 from testkit.processes import checkout_env
 from testkit.shards import write_shards
 
-pytestmark = pytest.mark.slow
-
 ADMIN_KEY = "admin-key"
 RAW_SHARDS, PER_SHARD = 4, 40  # 160 photo crops to refine
 
@@ -81,6 +79,7 @@ def _statuses(result: subprocess.CompletedProcess) -> dict[str, str]:
     return dict(re.findall(r"^(\S+)\s+(ran|skipped|stopped)\s", result.stdout, re.M))
 
 
+@pytest.mark.slow
 def test_the_loop_refines_trains_gates_exports_reloads_and_resumes(tmp_path, served, gateway_factory,
                                                                    vllm_server):
     repo = served[1]
@@ -125,3 +124,22 @@ def test_the_loop_refines_trains_gates_exports_reloads_and_resumes(tmp_path, ser
                                   "reload": "ran"}
     assert "gate: its inputs changed since it ran" in changed.stderr
     assert versions(repo, "tiny_image") == [3, 2] and _fingerprint(gateway) == new  # the same weights
+
+
+def test_a_bad_config_and_a_base_checkpoint_that_is_not_the_served_models_are_refused(tmp_path, tiny_repo):
+    config = tmp_path / "loop.yaml"
+    base = tmp_path / "checkpoint-000000001.pt"
+    base.write_bytes(b"another model's checkpoint")
+    good = {"work": "work", "data": {"raw": ["raw"], "lvlm": ["http://127.0.0.1:9/v1"]},
+            "train": {"base_checkpoint": str(base)}, "gate": {"shards": ["heldout.tar"]},
+            "serve": {"model_repo": str(tiny_repo), "model": "tiny", "gateway": "http://127.0.0.1:9"}}
+    config.write_text(yaml.safe_dump({**good, "gate": {"shards": ["heldout.tar"], "metrc": "tag_mAP"}}))
+    typo = _loop(config)
+    assert typo.returncode == 2 and "gate.metrc" in typo.stderr, typo.stderr
+    config.write_text(yaml.safe_dump(good))
+    bad_step = _loop(config, "--stop-after", "training")
+    assert bad_step.returncode == 2 and "--stop-after" in bad_step.stderr, bad_step.stderr
+    mismatch = _loop(config)
+    assert mismatch.returncode == 1, mismatch.stderr
+    assert "set train.base_checkpoint to the checkpoint it came from" in mismatch.stderr
+    assert not (tmp_path / "work").exists()  # refused before any step ran

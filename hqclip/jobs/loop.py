@@ -150,6 +150,7 @@ class Loop:
         self.console = console or Console(stderr=True)
         self.work = Path(config.work).resolve()
         self.state_path = self.work / STATE_FILE
+        self.base_sha256 = ""  # the base checkpoint's, from preflight
         self.steps: dict[str, Callable[[dict], dict]] = {
             "refine": self.refine, "train": self.train, "gate": self.gate, "export": self.export,
             "reload": self.reload}
@@ -168,7 +169,7 @@ class Loop:
     def _inputs(self, name: str, previous: dict) -> str:
         cfg = self.config
         own = {"refine": (cfg.data.model_dump(mode="json", exclude={"ray", "ray_address"}), _files(cfg.data.raw)),
-               "train": cfg.train.model_dump(mode="json"),
+               "train": (cfg.train.model_dump(mode="json"), self.base_sha256),
                "gate": cfg.gate.model_dump(mode="json"),
                "export": cfg.serve.model_dump(mode="json", include={"model_repo", "model", "keep_versions"}),
                "reload": cfg.serve.model_dump(mode="json", include={"gateway"}),
@@ -233,7 +234,8 @@ class Loop:
             manifest = load_manifest(cfg.serve.model_repo, cfg.serve.model)
         except (FileNotFoundError, ValueError) as exc:
             raise LoopError(f"serve: {exc}") from None
-        expected = f"sha256:{sha256_file(base)[:16]}"
+        self.base_sha256 = sha256_file(base)[:16]  # an input of the train step: another file at the same path
+        expected = f"sha256:{self.base_sha256}"
         state = self._state()
         ours = f"sha256:{state['train']['outputs']['sha256']}" if "export" in state else expected  # this round's
         if not manifest.weights.endswith((expected, ours)):
