@@ -340,10 +340,13 @@ class Loop:
         return {"fingerprint": body["fingerprint"], "previous": body["previous"], "reloaded": body["reloaded"]}
 
     def reindex(self, collection: str) -> dict:
-        from hqclip.jobs.reindex import reindex  # the reindex job (hqclip reindex COLLECTION)
+        from hqclip.jobs.reindex import ReindexError, reindex  # the job of `hqclip reindex COLLECTION`
 
-        summary = reindex(self.config.serve.gateway, collection, api_key=self._admin_key(),
-                          keep_old=self.config.serve.keep_old_collections, progress=self.progress)
+        try:
+            summary = reindex(self.config.serve.gateway, collection, api_key=self._admin_key(),
+                              keep_old=self.config.serve.keep_old_collections, progress=self.progress)
+        except ReindexError as exc:
+            raise LoopError(f"reindex of {collection}: {exc}; then rerun `hqclip loop` (it resumes there)") from None
         if not summary.complete:
             raise LoopError(f"the reindex of {collection} did not finish: {summary}; rerun `hqclip loop` to go on")
         return {"collection": collection, "summary": str(summary)}
