@@ -77,6 +77,11 @@ def export(
                                    "demo's held-out shards; where missing, an offline set (docs/precision.md)."),
     force: bool = typer.Option(False, "--force", help="Build a --precision this CPU only emulates (bf16 without "
                                "AVX512-BF16/AMX), gating it on 32 images; without it such an export is refused."),
+    version: str = typer.Option(None, help="Install as this Triton version beside the versions in --out: a number, "
+                                "or 'next' (one past the newest); a gateway then reloads it without a restart. "
+                                "Default: replace the model with version 1."),
+    keep_versions: int = typer.Option(2, min=1, help="With --version: versions kept (older ones deleted once "
+                                      "the manifest names the new one)."),
 ) -> None:
     """Export an open_clip model to the model repository: ONNX towers, config.pbtxt, tokenizer, manifest."""
     with _needs("train", "export"):
@@ -90,6 +95,8 @@ def export(
         from hqclip.repo.triton_config import TritonOptions
         from training.export import export_checkpoint
 
+    if version not in (None, "next") and not (version.isdigit() and int(version) >= 1):
+        raise typer.BadParameter(f"a positive number or 'next', not {version!r}", param_hint="--version")
     try:
         variants = requested_variants(precision or [], with_model=bool(model))
     except ValueError as exc:
@@ -106,7 +113,8 @@ def export(
             preferred_batch_sizes=tuple(int(s) for s in preferred_batch_sizes.split(",") if s.strip()),
             tensorrt=tensorrt, tensorrt_precision=tensorrt_precision)
         name = export_checkpoint(model, pretrained, out=out, name=name, max_batch_size=max_batch_size, opset=opset,
-                                 triton=triton).name.removesuffix(".manifest.json")
+                                 triton=triton, version=version,
+                                 keep_versions=keep_versions).name.removesuffix(".manifest.json")
     failed = False
     for variant in variants:  # each variant passes or fails on its own; any failure makes the exit status 1
         try:
@@ -302,6 +310,38 @@ def reindex(
         raise typer.Exit(2) from None
     typer.echo(str(summary))
     raise typer.Exit(0 if summary.complete else 1)
+
+
+@app.command()
+def loop(
+    config: Path = typer.Option(..., "--config", help="loop.yaml: work, data, train, gate, serve (docs/loop.md)."),
+    stop_after: str = typer.Option(None, help="Stop after this step (refine, train, gate, export, reload), e.g. "
+                                   "to look at the new model before the gate; a rerun goes on from there."),
+    progress: bool = typer.Option(True, help="Show each step's progress bars."),
+) -> None:
+    """One round of the loop: refine new raw shards with the LVLM -> train from the served model's checkpoint ->
+    gate it on a held-out set -> export the next version -> reload the gateway -> reindex collections; resumable."""
+    from pydantic import ValidationError
+
+    with _needs("serve", "loop"):
+        from hqclip.jobs.loop import STEPS, GateRefused, Loop, LoopError, load_loop_config
+
+    if stop_after not in (None, *STEPS):
+        raise typer.BadParameter(f"one of {', '.join(STEPS)}", param_hint="--stop-after")
+    try:
+        settings = load_loop_config(config)
+    except (ValidationError, ValueError, OSError) as exc:
+        typer.echo(f"error: {config}: {exc}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        summary = Loop(settings, progress=progress).run(stop_after)
+    except GateRefused as exc:
+        typer.echo(f"refused: {exc}", err=True)
+        raise typer.Exit(3) from None
+    except LoopError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(summary)
 
 
 demo_app = typer.Typer(no_args_is_help=True, help="The offline demo model (no downloads: Debian packages + wheels).")

@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from hqclip.repo.layout import versions
 from hqclip.repo.manifest import load_manifest, sha256_file
 from tests.swap import MIXED, Load, pair, references, repo, retrained_checkpoint  # noqa: F401 (fixtures)
 
@@ -24,14 +25,15 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN = {"Authorization": "Bearer admin-key"}
 WATCH_TIMEOUT_S = 60
+TOWERS = ("tiny_image", "tiny_text")
 
 
 
 
-def _export(checkpoint: Path, repo: Path) -> str:
+def _export(checkpoint: Path, repo: Path, *options: str) -> str:
     """`hqclip export` of ``checkpoint`` into ``repo`` as model 'tiny'; the new fingerprint."""
     subprocess.run([sys.executable, "-m", "hqclip.cli", "export", str(checkpoint), "--out", str(repo), "--name",
-                    "tiny"], cwd=ROOT, check=True, capture_output=True)
+                    "tiny", *options], cwd=ROOT, check=True, capture_output=True)
     return load_manifest(repo).fingerprint
 
 
@@ -129,3 +131,32 @@ def test_the_watcher_swaps_in_a_new_export(gateway_factory, repo, retrained_chec
         time.sleep(0.1)
     body = httpx.post(f"{gateway.url}/v1/embed", json=MIXED, timeout=60).json()
     assert pair(body, references) == "new"
+
+
+def test_exports_as_new_versions_are_reloaded_and_the_oldest_pruned(gateway_factory, repo, tiny_checkpoint,
+                                                                    retrained_checkpoint, references):
+    """`hqclip export --version next`: the towers go into version 2 beside version 1, the manifest names them,
+    the gateway reloads them; a third export keeps versions 3 and 2 (--keep-versions 2) and deletes version 1."""
+    gateway = gateway_factory(HQCLIP_MODEL_REPO=str(repo), HQCLIP_ADMIN_KEYS="admin-key")
+    old = load_manifest(repo).fingerprint
+
+    def reload_to(fingerprint: str, model: str) -> None:
+        answer = httpx.post(f"{gateway.url}/v1/admin/reload", headers=ADMIN, timeout=120)
+        assert answer.status_code == 200 and answer.json()["fingerprint"] == fingerprint, answer.text
+        body = httpx.post(f"{gateway.url}/v1/embed", json=MIXED, headers=ADMIN, timeout=60).json()
+        assert pair(body, references) == model and _fingerprints(gateway) == (fingerprint, fingerprint)
+
+    new = _export(retrained_checkpoint, repo, "--version", "next")
+    manifest = load_manifest(repo, verify=True)
+    assert {tower: versions(repo, tower) for tower in TOWERS} == {tower: [2, 1] for tower in TOWERS}
+    assert [manifest.version(tower) for tower in TOWERS] == [2, 2] and new != old
+    assert "tiny_image/2/model.onnx" in manifest.files and "tiny_image/1/model.onnx" not in manifest.files
+    reload_to(new, "new")
+
+    again = _export(tiny_checkpoint, repo, "--version", "next", "--keep-versions", "2")
+    assert {tower: versions(repo, tower) for tower in TOWERS} == {tower: [3, 2] for tower in TOWERS}
+    assert again == old  # the same weights in another version folder: the same embedding space
+    reload_to(old, "old")
+    bad = subprocess.run([sys.executable, "-m", "hqclip.cli", "export", str(tiny_checkpoint), "--out", str(repo),
+                          "--version", "latest"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--version" in bad.stderr and "'next'" in bad.stderr

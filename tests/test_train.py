@@ -267,3 +267,20 @@ def test_eval_on_a_folder_of_labelled_images(tiny_checkpoint, tmp_path):
     assert json.loads((tmp_path / "eval.json").read_text()) == results
     with pytest.raises(ValueError, match="either --shards or --folder"):
         run(model=str(tiny_checkpoint))
+
+
+@pytest.mark.slow
+def test_a_run_started_from_a_checkpoint_keeps_its_weights_tags_and_architecture(tiny_checkpoint, shards, tmp_path):
+    """model.init_from (what `hqclip loop` trains the served model's checkpoint on new data with): the first step
+    starts from its weights, tag head and vocabulary, and the run's checkpoints name its architecture."""
+    base = tmp_path / "base"
+    train(_config(tiny_checkpoint, shards, base, "optim.steps=2", "data.workers=0"))
+    started = tmp_path / "started"
+    train(_config("ViT-B-32", shards[:1], started, "optim.steps=1", "data.workers=0", "optim.lr=1e-12",
+                  "optim.weight_decay=0", f"model.init_from={base / 'checkpoint-000000002.pt'}"))
+    before = torch.load(base / "checkpoint-000000002.pt", weights_only=False)
+    after = torch.load(started / "checkpoint-000000001.pt", weights_only=False)
+    assert after["config"]["model"]["name"] == str(tiny_checkpoint) and after["vocab"] == before["vocab"]
+    for part in ("model", "tag_head"):
+        for name, tensor in before[part].items():
+            torch.testing.assert_close(after[part][name], tensor, rtol=0, atol=1e-6, msg=name)

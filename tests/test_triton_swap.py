@@ -27,16 +27,12 @@ TOWERS = ("tiny_image", "tiny_text")
 UNLOAD_TIMEOUT_S = 60
 
 
-def publish_version(export: Path, repo: Path, version: int) -> str:
-    """Put the towers of the export in ``export`` (version 1 there) into ``repo`` as ``version``, beside the versions
-    there, and its manifest (naming the new version's files) last; the new fingerprint."""
-    manifest = json.loads((export / "tiny.manifest.json").read_text())
-    for tower in TOWERS:
-        shutil.copytree(export / tower / "1", repo / tower / str(version))
-        manifest["files"][f"{tower}/{version}/model.onnx"] = manifest["files"].pop(f"{tower}/1/model.onnx")
-    staged = repo / ".tiny.manifest.json.partial"
-    staged.write_text(json.dumps(manifest, indent=2))
-    staged.replace(repo / "tiny.manifest.json")
+def publish_version(checkpoint: Path, repo: Path, version: int) -> str:
+    """`hqclip export --version`: ``checkpoint``'s towers into ``repo`` as ``version`` beside the versions there, the
+    manifest naming them last; the new fingerprint."""
+    from training.export import export_checkpoint
+
+    export_checkpoint(str(checkpoint), out=repo, name="tiny", version=version)
     return load_manifest(repo).fingerprint
 
 
@@ -61,13 +57,13 @@ def wait_for_versions(triton: TritonServer, want: dict[str, set[str]]) -> None:
         time.sleep(0.1)
 
 
-async def test_swap_both_towers_with_requests_running(triton_factory, gateway_factory, repo, retrained_export,
+async def test_swap_both_towers_with_requests_running(triton_factory, gateway_factory, repo, retrained_checkpoint,
                                                       references):
     triton = triton_factory(repo, explicit_versions=True)
     gateway = gateway_factory(HQCLIP_MODEL_REPO=str(repo), HQCLIP_BACKEND="triton", HQCLIP_TRITON__URL=triton.grpc_url,
                               HQCLIP_ADMIN_KEYS="admin-key")
     old = load_manifest(repo).fingerprint
-    new = publish_version(retrained_export, repo, 2)
+    new = publish_version(retrained_checkpoint, repo, 2)
     assert sorted(triton.mirror()) == ["tiny_image/2", "tiny_text/2"]
     async with httpx.AsyncClient(base_url=gateway.url, timeout=120) as client:
         load = Load(client, references)
@@ -83,7 +79,8 @@ async def test_swap_both_towers_with_requests_running(triton_factory, gateway_fa
 
 
 def test_a_version_triton_cannot_load_keeps_the_old_one_serving(triton_factory, gateway_factory, repo,
-                                                                 retrained_export, references):
+                                                                 retrained_checkpoint, retrained_export,
+                                                                 references):
     triton = triton_factory(repo, explicit_versions=True)
     gateway = gateway_factory(HQCLIP_MODEL_REPO=str(repo), HQCLIP_BACKEND="triton", HQCLIP_TRITON__URL=triton.grpc_url,
                               HQCLIP_ADMIN_KEYS="admin-key")
@@ -105,7 +102,7 @@ def test_a_version_triton_cannot_load_keeps_the_old_one_serving(triton_factory, 
     shutil.copyfile(retrained_export / "tiny.manifest.json", repo / "tiny.manifest.json")
     refused("tiny_image is version 1", "tiny_image/2/")
 
-    publish_version(retrained_export, repo, 2)
+    publish_version(retrained_checkpoint, repo, 2)
     broken = repo / "tiny_image" / "2" / "model.onnx"  # a graph the runtime refuses, with a checksum to match it
     broken.write_bytes(broken.read_bytes()[:1000])
     manifest = json.loads((repo / "tiny.manifest.json").read_text())

@@ -24,6 +24,9 @@ class ModelConfig(_Section):
 
     name: str = Field("ViT-B-32", description="open_clip model name or checkpoint folder (training/models.py).")
     pretrained: str | None = Field(None, description="open_clip pretrained tag or checkpoint path; None = random init.")
+    init_from: Path | None = Field(
+        None, description="An `hqclip train` checkpoint to start from (the served model's, in `hqclip loop`): its "
+        "architecture, weights, tag head and tag vocabulary; a fresh optimizer and schedule. Replaces name/pretrained.")
     freeze_image: bool = Field(False, description="Freeze the image tower (LiT): no gradients, kept in eval mode.")
     freeze_text: bool = Field(False, description="Freeze the text tower: no gradients, kept in eval mode.")
     train_projections: bool = Field(True, description="Keep a frozen tower's output projection trainable.")

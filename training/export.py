@@ -5,6 +5,10 @@ Writes, for a model ``<name>`` (the contract is model_repo/README.md and hqclip/
     <out>/<name>_text/1/model.onnx + config.pbtxt       int64 ids -> L2-normalised embeddings (+ tokenizer file)
     <out>/<name>_tags/1/model.onnx + config.pbtxt       image embeddings -> tag probabilities (with a tag head)
     <out>/<name>.manifest.json
+With ``version`` (``hqclip export --version next``) the towers go into ``<model>/<version>/`` beside the versions
+there instead of replacing the model folders, the manifest names the new ones, and after it is in place the
+versions past the newest ``keep_versions`` are deleted: a gateway reloads (Triton loads the new version beside the
+old, docs/deploy.md) without a restart.
 Everything is built in a temporary folder next to ``<out>`` and checked with ONNX Runtime against the torch
 forward (batch 1 and 7) before it is moved in, the manifest last: a failed export changes nothing.
 """
@@ -26,7 +30,7 @@ from rich.console import Console
 from torch import nn
 
 from hqclip.repo import layout
-from hqclip.repo.install import install, staging
+from hqclip.repo.install import install, prune_versions, staging
 from hqclip.repo.manifest import ImageSpec, Manifest, TagSpec, TextSpec, TokenizerSpec, load_manifest, sha256_file
 from hqclip.repo.tokenizer import load_tokenizer, trim_padding
 from hqclip.repo.triton_config import Tensor, TritonOptions, write_triton_config
@@ -162,18 +166,23 @@ def export_model(
     max_batch_size: int = 32,
     opset: int = DEFAULT_OPSET,
     triton: TritonOptions = TritonOptions(),
+    version: int | str | None = None,
+    keep_versions: int = 2,
 ) -> Path:
     """Export an in-memory open_clip model (and optional tag head) into the repository ``out``.
 
     ``preprocess_cfg`` is open_clip's (``open_clip.get_model_preprocess_cfg(model)``: size, mean, std,
     interpolation, resize_mode, fill_color); ``tokenizer_info`` comes from ``training.models.tokenizer_info``.
     ``tag_head`` maps image embeddings [B, D] to logits [B, len(tag_vocab)]. Returns the manifest's path.
+    ``version``: None replaces the model's folders with version 1; a number, or ``"next"`` (one past the newest
+    version in ``out``), installs beside the versions there, keeping the newest ``keep_versions``.
     """
     if (tag_head is None) != (tag_vocab is None):
         raise ValueError("give both tag_head and tag_vocab, or neither")
     if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
         raise ValueError(f"model name '{name}' must use only letters, digits, '_' and '-' (it names Triton models)")
     out = Path(out).resolve()
+    number = layout.VERSION if version is None else resolve_version(out, name, version)
     model = model.eval()
     image_spec = _image_spec(preprocess_cfg, name)
     batches = sorted({1, min(7, max_batch_size)})  # traced at 1; another size proves the batch axis is dynamic
@@ -190,11 +199,11 @@ def export_model(
         texts = [tokenizer([CHECK_TEXTS[i % len(CHECK_TEXTS)] for i in range(b)])[0] for b in batches]
         text_tower = TextTower(model)
         example = tokenizer(CHECK_TEXTS[:2])[0]  # torch.export fixes an axis it sees at size 1: trace at batch 2
-        export_onnx(text_tower, torch.from_numpy(example), layout.onnx_path(stage, text_dir.name), TEXT_INPUT,
-                     EMBEDDINGS_OUTPUT, opset, text_tower.any_length)
+        export_onnx(text_tower, torch.from_numpy(example), layout.onnx_path(stage, text_dir.name, number),
+                     TEXT_INPUT, EMBEDDINGS_OUTPUT, opset, text_tower.any_length)
         if text_tower.any_length:  # and at the lengths the services cut batches to
             texts += [trim_padding(ids, tokenizer_spec.pad_id) for ids in texts]
-        _check_parity(text_tower, layout.onnx_path(stage, text_dir.name), texts, "text tower")
+        _check_parity(text_tower, layout.onnx_path(stage, text_dir.name, number), texts, "text tower")
 
         console.log(f"{name}: exporting the image tower, checking it at batch {batches}")
         image_dir = stage / image_spec.model
@@ -202,9 +211,10 @@ def export_model(
         rng = np.random.default_rng(0)
         pixels = [rng.integers(0, 256, (b, 3, height, width), dtype=np.uint8) for b in batches]
         image_tower = ImageTower(model, image_spec.mean, image_spec.std)
-        (embed_dim,) = export_onnx(image_tower, torch.from_numpy(pixels[0]), layout.onnx_path(stage, image_dir.name),
-                                    IMAGE_INPUT, EMBEDDINGS_OUTPUT, opset)
-        _check_parity(image_tower, layout.onnx_path(stage, image_dir.name), pixels, "image tower")
+        (embed_dim,) = export_onnx(image_tower, torch.from_numpy(pixels[0]),
+                                    layout.onnx_path(stage, image_dir.name, number), IMAGE_INPUT, EMBEDDINGS_OUTPUT,
+                                    opset)
+        _check_parity(image_tower, layout.onnx_path(stage, image_dir.name, number), pixels, "image tower")
         embedding = Tensor(EMBEDDINGS_OUTPUT, np.float32, (embed_dim,))
         write_triton_config(image_dir, image_spec.model, [Tensor(IMAGE_INPUT, np.uint8, (3, height, width))],
                             [embedding], max_batch_size, triton)
@@ -218,9 +228,9 @@ def export_model(
             tags_dir = stage / layout.tags_model(name)
             tag_tower = TagTower(tag_head.eval())
             embeddings = [rng.standard_normal((b, embed_dim), dtype=np.float32) for b in batches]
-            export_onnx(tag_tower, torch.from_numpy(embeddings[0]), layout.onnx_path(stage, tags_dir.name),
+            export_onnx(tag_tower, torch.from_numpy(embeddings[0]), layout.onnx_path(stage, tags_dir.name, number),
                          TAGS_INPUT, TAGS_OUTPUT, opset)
-            _check_parity(tag_tower, layout.onnx_path(stage, tags_dir.name), embeddings, "tag head")
+            _check_parity(tag_tower, layout.onnx_path(stage, tags_dir.name, number), embeddings, "tag head")
             write_triton_config(tags_dir, tags_dir.name, [Tensor(TAGS_INPUT, np.float32, (embed_dim,))],
                                 [Tensor(TAGS_OUTPUT, np.float32, (len(tag_vocab),))], max_batch_size, triton)
             tags = TagSpec(model=tags_dir.name, input=TAGS_INPUT, output=TAGS_OUTPUT, vocabulary=list(tag_vocab))
@@ -239,10 +249,27 @@ def export_model(
                      "opset": str(opset), **_versions()},
         )
         folders = [p.name for p in stage.iterdir() if p.is_dir()]
-        install(out, stage, manifest, folders, remove=_replaced(out, name, folders))
+        removed = _replaced(out, name, folders)
+        if version is not None:  # the new version and the model-level files, beside the other versions
+            folders = [f"{f}/{p.name}" for f in folders for p in (stage / f).iterdir()
+                       if p.is_file() or p.name == str(number)]
+        installed = install(out, stage, manifest, folders, remove=removed)
     path = layout.manifest_path(out, name)
-    console.log(f"{name}: wrote {path}")
+    console.log(f"{name}: wrote {path} (version {number})")
+    if version is not None:
+        for pruned in prune_versions(out, installed, keep_versions):
+            console.log(f"{name}: deleted {pruned} (keeping the newest {keep_versions} versions)")
     return path
+
+
+def resolve_version(repo: Path, name: str, version: int | str) -> int:
+    """``version`` as a number: ``"next"`` is one past the newest version of ``name``'s models in ``repo``."""
+    if version != "next":
+        if not str(version).isdigit() or int(version) < 1:
+            raise ValueError(f"version must be a positive number or 'next', not {version!r}")
+        return int(version)
+    models = (layout.image_model(name), layout.text_model(name), layout.tags_model(name))
+    return max((v for model in models for v in layout.versions(repo, model)), default=0) + 1
 
 
 def _replaced(repo: Path, name: str, folders: list[str]) -> list[str]:
@@ -257,10 +284,13 @@ def _replaced(repo: Path, name: str, folders: list[str]) -> list[str]:
 
 def export_checkpoint(model: str, pretrained: str | None = None, *, out: Path, name: str | None = None,
                       max_batch_size: int = 32, opset: int = DEFAULT_OPSET,
-                      triton: TritonOptions = TritonOptions()) -> Path:
+                      triton: TritonOptions = TritonOptions(), version: int | str | None = None,
+                      keep_versions: int = 2) -> Path:
     """Load ``model`` (an open_clip name, a checkpoint folder, an ``hqclip train`` checkpoint file or an
-    ``hf-hub:`` id) and export it, with its tag head when it has one; the manifest path."""
-    options = {"max_batch_size": max_batch_size, "opset": opset, "triton": triton}
+    ``hf-hub:`` id) and export it, with its tag head when it has one; the manifest path. ``version`` and
+    ``keep_versions``: :func:`export_model`."""
+    options = {"max_batch_size": max_batch_size, "opset": opset, "triton": triton, "version": version,
+               "keep_versions": keep_versions}
     if Path(model).is_file():
         return _export_trained(Path(model), out, name, options)
     loaded = load_model(model, pretrained)

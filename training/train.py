@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from training.checkpoint import CHECKPOINT_FORMAT, latest_checkpoint, save_checkpoint
+from training.checkpoint import CHECKPOINT_FORMAT, latest_checkpoint, load_trained, save_checkpoint
 from training.config import TrainConfig, dump_config, load_config
 from training.data import SkipCounter, StreamState, TextChoice, TrainStream, expand_urls, iterate_tags, train_loader
 from training.hqclip_model import HQCLIPModel, ModelBundle, freeze_towers, load_bundle
@@ -200,15 +200,25 @@ def train(cfg: TrainConfig, bundle: ModelBundle | None = None) -> dict:
     payload = torch.load(resume, map_location="cpu", weights_only=False) if resume is not None else None
 
     seed_everything(cfg.run.seed)
+    start_head = start_vocab = None
+    if cfg.model.init_from is not None and bundle is None:
+        bundle, start_head, start_vocab = load_trained(cfg.model.init_from)
+        start = torch.load(cfg.model.init_from, map_location="cpu", weights_only=False, mmap=True)["config"]["model"]
+        # its architecture goes into this run's checkpoints, which evaluation and export load
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name": start["name"],
+                                                                           "pretrained": start["pretrained"]})})
     bundle = bundle or load_bundle(cfg.model.name, cfg.model.pretrained)
     clip = bundle.model
     frozen = freeze_towers(clip, cfg.model.freeze_image, cfg.model.freeze_text, cfg.model.train_projections)
     vocab = None
     if cfg.loss.lambda_stc > 0:
-        vocab = Vocabulary.from_dict(payload["vocab"]) if payload else _vocabulary(cfg, urls, env)
+        vocab = (Vocabulary.from_dict(payload["vocab"]) if payload else start_vocab
+                 or _vocabulary(cfg, urls, env))
     with torch.no_grad():
         embed_dim = clip.encode_text(bundle.tokenizer([""])).shape[-1]
     head = TagHead(embed_dim, len(vocab), vocab.frequencies()) if vocab is not None else None
+    if head is not None and start_head is not None:  # the tags it was trained on, carried over
+        head.load_state_dict(start_head.state_dict())
     module = HQCLIPModel(clip, head, cfg.loss.negative_text_grad).to(device)
     loss_fn = HQCLIPLoss(cfg.loss.lambda_hni, cfg.loss.lambda_stc, cfg.loss.hni_mode, cfg.loss.stc_reduction,
                          cfg.loss.gather_with_grad)

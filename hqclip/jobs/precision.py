@@ -455,7 +455,8 @@ def export_precision(repo: Path, precision: str, name: str | None = None, data: 
     tokenizer = load_tokenizer(manifest.text.tokenizer, repo)
     parity_data = load_parity_data(manifest, data, max_images, max_calibration)
     console.log(f"{manifest.name} {precision}: parity data: {parity_data.source}")
-    fp32 = {"image": layout.onnx_path(repo, manifest.image.model), "text": layout.onnx_path(repo, manifest.text.model)}
+    fp32 = {tower: layout.onnx_path(repo, model, manifest.version(model))
+            for tower, model in (("image", manifest.image.model), ("text", manifest.text.model))}
     gate = min_cosine or MIN_COSINE[precision]
     missed: list[str] = []  # the gates the whole variant missed last
     with gate_progress(console) as progress, staging(repo, f"{manifest.name}-{precision}") as stage:

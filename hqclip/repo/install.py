@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from hqclip.repo.layout import manifest_path
+from hqclip.repo.layout import manifest_path, versions
 from hqclip.repo.manifest import Manifest, sha256_file
 
 
@@ -33,6 +33,8 @@ def install(repo: Path, stage: Path, manifest: Manifest, folders: Iterable[str],
             remove: Iterable[str] = ()) -> Manifest:
     """Move ``folders`` from ``stage`` into ``repo`` and write ``manifest`` with their checksums; returns it.
 
+    ``folders`` are paths relative to both: whole model folders, or (a new version beside the others) a model's
+    version folder and its model-level files (``<model>/2``, ``<model>/config.pbtxt``).
     ``remove``: other folders of this model that the new manifest no longer names (an old tag head, the
     precision variants of replaced towers). Whatever is replaced or removed goes to ``stage`` (deleted with it).
     The manifest's ``files`` keep their entries outside the installed and removed folders.
@@ -46,14 +48,33 @@ def install(repo: Path, stage: Path, manifest: Manifest, folders: Iterable[str],
     files = {rel: digest for rel, digest in manifest.files.items() if not rel.startswith(tuple(f"{f}/" for f in gone))}
     for folder in gone:
         if (repo / folder).exists():
+            (trash / folder).parent.mkdir(parents=True, exist_ok=True)
             (repo / folder).rename(trash / folder)
     for folder in folders:
+        (repo / folder).parent.mkdir(parents=True, exist_ok=True)
         (stage / folder).rename(repo / folder)
-        files.update({p.relative_to(repo).as_posix(): sha256_file(p)
-                      for p in sorted((repo / folder).rglob("*")) if p.is_file()})
+        installed = [repo / folder] if (repo / folder).is_file() else sorted((repo / folder).rglob("*"))
+        files.update({p.relative_to(repo).as_posix(): sha256_file(p) for p in installed if p.is_file()})
     installed = manifest.model_copy(update={"files": dict(sorted(files.items()))})
     target = manifest_path(repo, manifest.name)
     temporary = stage / target.name
     temporary.write_text(installed.model_dump_json(indent=2) + "\n")
     temporary.replace(target)
     return installed
+
+
+def prune_versions(repo: Path, manifest: Manifest, keep: int) -> list[Path]:
+    """Delete the version folders of ``manifest``'s models past the newest ``keep``, never one it names; the
+    folders deleted. Call it after the manifest naming the new versions is in place: until then services may
+    read the old one."""
+    models = [manifest.image.model, manifest.text.model, *([manifest.tags.model] if manifest.tags else []),
+              *(m for v in manifest.variants.values() for m in (v.image_model, v.text_model))]
+    named = {model: manifest.version(model) for model in models}
+    deleted = []
+    for model, current in named.items():
+        for version in versions(repo, model)[keep:]:
+            if version != current:
+                shutil.rmtree(Path(repo) / model / str(version))
+                deleted.append(Path(repo) / model / str(version))
+    return deleted
+

@@ -6,7 +6,9 @@
     <repo>/<name>_tags/<version>/model.onnx  short-tag head (when the model has one)
     <repo>/<tower>_<precision>/...           a reduced-precision variant of a tower, same shape
 
-Triton reads ``<model>/<version>/model.onnx`` (its model-repository convention); exports write version 1.
+Triton reads ``<model>/<version>/model.onnx`` (its model-repository convention); exports write version 1, or with
+``hqclip export --version next`` a new version beside the others (the manifest names the one to serve; the model-level
+files, config.pbtxt and the tokenizer, are shared by the versions and replaced with the newest's).
 """
 
 from __future__ import annotations
@@ -43,3 +45,10 @@ def variant_model(fp32_model: str, precision: str) -> str:
 def onnx_path(repo: Path, model: str, version: int = VERSION) -> Path:
     """The ONNX file of Triton model ``model`` (a tower, a variant or a tag head)."""
     return Path(repo) / model / str(version) / ONNX_FILE
+
+
+def versions(repo: Path, model: str) -> list[int]:
+    """The version folders of ``model`` in ``repo``, newest first."""
+    folder = Path(repo) / model
+    found = [int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()] if folder.is_dir() else []
+    return sorted(found, reverse=True)

@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from hqclip.repo.layout import MANIFEST_SUFFIX, manifest_path
+from hqclip.repo.layout import MANIFEST_SUFFIX, VERSION, manifest_path
 
 SCHEMA_VERSION = 1
 
@@ -95,15 +95,28 @@ class Manifest(BaseModel):
     def fingerprint(self) -> str:
         """The embedding space's identity: a digest of the fp32 towers' files (weights, tokenizer, configs).
 
-        Two exports of the same weights share it; a retrained model of the same architecture does not, so a
-        collection embedded by one model can refuse queries embedded by another.
+        Two exports of the same weights share it, whatever version folder they went into (each path is digested
+        as if in version 1); a retrained model of the same architecture does not, so a collection embedded by one
+        model can refuse queries embedded by another.
         """
-        towers = tuple(f"{model}/" for model in (self.image.model, self.text.model))
+        towers = (self.image.model, self.text.model)
         digest = hashlib.sha256()
         for rel, sha in sorted(self.files.items()):
-            if rel.startswith(towers):
-                digest.update(f"{rel}={sha}\n".encode())
+            model, *rest = rel.split("/")
+            if model in towers and rest:
+                if len(rest) > 1 and rest[0].isdigit():
+                    rest[0] = str(VERSION)
+                digest.update(f"{'/'.join([model, *rest])}={sha}\n".encode())
         return digest.hexdigest()[:16]
+
+    def version(self, model: str) -> int:
+        """The version folder of Triton model ``model`` among the files (``<model>/<version>/...``); else layout's
+        (a manifest without checksums)."""
+        for rel in self.files:
+            parts = rel.split("/")
+            if len(parts) == 3 and parts[0] == model and parts[1].isdigit():
+                return int(parts[1])
+        return VERSION
 
     def towers(self, precision: str) -> tuple[str, str]:
         """(image model, text model) names serving ``precision``; a clear error for one not exported."""

@@ -124,7 +124,7 @@ def _local(settings: Settings, manifest: Manifest, precision: str, cpu: Cpu) -> 
     towers = {}
     for tower, model in (("image", image), ("text", text)):
         computes = manifest.precision if model in fp32_towers else precision
-        load = Load(model, computes, text=tower == "text")
+        load = Load(model, manifest.version(model), computes, text=tower == "text")
         names, why = _candidates(settings, manifest, computes, cpu)
         built = {name: _runtime(name)(settings, [load]) for name in names}
         if len(built) == 1:
@@ -134,7 +134,8 @@ def _local(settings: Settings, manifest: Manifest, precision: str, cpu: Cpu) -> 
         routes[load.model] = built[chosen]
         towers[tower] = {"model": load.model, "runtime": chosen, "why": reason}
     if manifest.tags:
-        routes[manifest.tags.model] = _runtime(towers["image"]["runtime"])(settings, [Load(manifest.tags.model)])
+        head = Load(manifest.tags.model, manifest.version(manifest.tags.model))
+        routes[head.model] = _runtime(towers["image"]["runtime"])(settings, [head])
     return Routed(routes), towers
 
 

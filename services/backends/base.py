@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hqclip.repo.layout import VERSION
+
 
 class BackendUnavailable(RuntimeError):
     """The runtime cannot run models right now (a Triton outage, say); the gateway answers 503."""
@@ -14,9 +16,11 @@ class BackendUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class Load:
-    """One model an in-process backend loads: its repository name, what it computes in, whether it reads tokens."""
+    """One model an in-process backend loads: its repository name, its version folder (the manifest's), what it
+    computes in, whether it reads tokens."""
 
     model: str
+    version: int = VERSION
     precision: str = "fp32"
     text: bool = False
 

@@ -29,7 +29,7 @@ class OnnxRuntimeBackend(Backend):
     def __init__(self, settings: Settings, loads: list[Load]) -> None:
         # ONNX Runtime computes what the file says: an int8 variant's QDQ graph in int8, fp32 in fp32.
         self._sessions = {
-            load.model: ort.InferenceSession(str(onnx_path(settings.model_repo, load.model)),
+            load.model: ort.InferenceSession(str(onnx_path(settings.model_repo, load.model, load.version)),
                                              session_options(settings, text_tower=load.text),
                                              providers=["CPUExecutionProvider"])
             for load in loads

@@ -40,7 +40,7 @@ class OpenVinoBackend(Backend):
     def __init__(self, settings: Settings, loads: list[Load]) -> None:
         core = ov.Core()
         self._models = {
-            load.model: compile_model(core, onnx_path(settings.model_repo, load.model), load.precision,
+            load.model: compile_model(core, onnx_path(settings.model_repo, load.model, load.version), load.precision,
                                       settings.ort_threads)
             for load in loads
         }

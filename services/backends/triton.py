@@ -23,7 +23,7 @@ import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from hqclip.repo.layout import VERSION, onnx_path
+from hqclip.repo.layout import onnx_path
 from hqclip.repo.manifest import Manifest
 from services.backends.base import Backend, BackendUnavailable
 from services.settings import Settings
@@ -40,15 +40,6 @@ _CHANNEL_ARGS = [
 log = logging.getLogger("hqclip.triton")
 
 
-def model_version(manifest: Manifest, model: str) -> int:
-    """The version folder of ``model`` among the manifest's files (``<model>/<version>/...``); else layout's."""
-    for rel in manifest.files:
-        parts = rel.split("/")
-        if len(parts) == 3 and parts[0] == model and parts[1].isdigit():
-            return int(parts[1])
-    return VERSION
-
-
 class TritonBackend(Backend):
     name = "triton"
 
@@ -60,7 +51,7 @@ class TritonBackend(Backend):
         if manifest.tags:
             self._outputs[manifest.tags.model] = manifest.tags.output
             self._inputs[manifest.tags.model] = manifest.tags.input
-        self._versions = {model: str(model_version(manifest, model)) for model in self._outputs}
+        self._versions = {model: str(manifest.version(model)) for model in self._outputs}
         self._files = {model: manifest.files.get(onnx_path(Path(), model, int(version)).as_posix())
                        for model, version in self._versions.items()}
         self._client: grpcclient.InferenceServerClient | None = None
@@ -136,7 +127,7 @@ class TritonBackend(Backend):
                     and previous._files.get(model) != self._files[model]):
                 raise RuntimeError(f"the new {model} is version {version}, the version Triton serves now, which would "
                                    f"keep answering with the old weights: publish it as a new version folder "
-                                   f"({model}/{int(version) + 1}/, docs/deploy.md)")
+                                   f"({model}/{int(version) + 1}/: `hqclip export --version next`, docs/deploy.md)")
             try:
                 if await self._connect().is_model_ready(model, version):
                     continue
