@@ -1,8 +1,6 @@
 """`hqclip loop` end to end: raw photo shards refined by the tiny vLLM, the tiny model trained from the served
-model's checkpoint, gated on held-out shards, exported as the next version and swapped into a real gateway.
-
-The reindex step (hqclip/jobs/reindex.py) comes with `hqclip reindex`; these runs configure no collection, so the
-loop ends at the reload.
+model's checkpoint, gated on held-out shards, exported as the next version, swapped into a real gateway, and the
+gateway's collection re-embedded by it behind its name (hqclip/jobs/reindex.py).
 """
 
 from __future__ import annotations
@@ -24,6 +22,8 @@ from testkit.shards import write_shards
 
 ADMIN_KEY = "admin-key"
 RAW_SHARDS, PER_SHARD = 4, 40  # 160 photo crops to refine
+COLLECTION, CAPTIONS = "captions", [f"a photo of {thing}" for thing in ("a dog", "a red car", "two birds", "snow",
+                                                                         "a bowl of soup", "an old bridge")]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,8 @@ def _config(tmp_path: Path, served: tuple[Path, Path], gateway: str, vllm_url: s
                   "overrides": ["data.batch_size=16", "data.workers=0", "data.shuffle_buffer=32", "optim.steps=4",
                                 "optim.warmup_steps=1", "optim.lr=1e-4", "run.checkpoint_every=2"]},
         "gate": {"shards": [str(heldout / "shard-00000.tar")], "metric": "desc_t2i_R@5", "tolerance": tolerance},
-        "serve": {"model_repo": str(repo), "model": "tiny", "gateway": gateway, "admin_key_env": "LOOP_ADMIN_KEY"},
+        "serve": {"model_repo": str(repo), "model": "tiny", "gateway": gateway, "admin_key_env": "LOOP_ADMIN_KEY",
+                  "collections": [COLLECTION]},
     }
     path = tmp_path / "loop.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -74,6 +75,12 @@ def _fingerprint(gateway) -> str:
     return httpx.get(f"{gateway.url}/v1/models", timeout=30).json()["data"][0]["fingerprint"]
 
 
+def _collection(gateway) -> dict:
+    answer = httpx.get(f"{gateway.url}/v1/collections/{COLLECTION}", timeout=30)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
 def _statuses(result: subprocess.CompletedProcess) -> dict[str, str]:
     """step -> ran / skipped / stopped, from the summary the loop prints."""
     return dict(re.findall(r"^(\S+)\s+(ran|skipped|stopped)\s", result.stdout, re.M))
@@ -85,12 +92,17 @@ def test_the_loop_refines_trains_gates_exports_reloads_and_resumes(tmp_path, ser
     repo = served[1]
     gateway = gateway_factory(HQCLIP_MODEL_REPO=str(repo), HQCLIP_ADMIN_KEYS=ADMIN_KEY)
     old = _fingerprint(gateway)
+    admin = httpx.Client(base_url=gateway.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60)
+    assert admin.post("/v1/collections", json={"name": COLLECTION}).status_code == 201
+    items = [{"id": f"c{i}", "text": text} for i, text in enumerate(CAPTIONS)]
+    assert admin.post(f"/v1/collections/{COLLECTION}/items", json={"items": items}).status_code == 200
+    assert _collection(gateway)["fingerprint"] == old
 
     # a run stopped after the train step (as a job killed there would be, with both steps recorded)
     first = _loop(_config(tmp_path, served, gateway.url, vllm_server.url, tolerance=-1.0), "--stop-after", "train")
     assert first.returncode == 0, first.stderr[-4000:]
     assert _statuses(first) == {"refine": "ran", "train": "ran", "gate": "stopped", "export": "stopped",
-                                "reload": "stopped"}
+                                "reload": "stopped", f"reindex/{COLLECTION}": "stopped"}
     refined = json.loads((tmp_path / "work" / "loop-state.json").read_text())["refine"]["outputs"]["shards"]
     assert len(refined) == RAW_SHARDS
 
@@ -106,9 +118,16 @@ def test_the_loop_refines_trains_gates_exports_reloads_and_resumes(tmp_path, ser
     passed = _loop(_config(tmp_path, served, gateway.url, vllm_server.url, tolerance=1.0))
     assert passed.returncode == 0, passed.stderr[-4000:]
     assert _statuses(passed) == {"refine": "skipped", "train": "skipped", "gate": "ran", "export": "ran",
-                                 "reload": "ran"}
+                                 "reload": "ran", f"reindex/{COLLECTION}": "ran"}
     new = load_manifest(repo, "tiny", verify=True).fingerprint
     assert versions(repo, "tiny_image") == [2, 1] and new != old and _fingerprint(gateway) == new
+    # the collection's name now leads to its copy embedded by the new model: a text query finds its own caption
+    reindexed = _collection(gateway)
+    assert (reindexed["fingerprint"], reindexed["count"]) == (new, len(CAPTIONS)) and reindexed["name"] != COLLECTION
+    assert httpx.get(f"{gateway.url}/v1/collections", timeout=30).json()["aliases"] == {COLLECTION: reindexed["name"]}
+    for i, text in enumerate(CAPTIONS):
+        hits = admin.post(f"/v1/collections/{COLLECTION}/search", json={"text": text, "top_k": 1}).json()["results"]
+        assert hits[0]["id"] == f"c{i}", (text, hits)
     assert f"served {numbers.group(2)}" in passed.stderr  # the served model measured the same both times
 
     # a rerun after completion does nothing
@@ -121,9 +140,11 @@ def test_the_loop_refines_trains_gates_exports_reloads_and_resumes(tmp_path, ser
     changed = _loop(_config(tmp_path, served, gateway.url, vllm_server.url, tolerance=0.9))
     assert changed.returncode == 0, changed.stderr[-4000:]
     assert _statuses(changed) == {"refine": "skipped", "train": "skipped", "gate": "ran", "export": "ran",
-                                  "reload": "ran"}
+                                  "reload": "ran", f"reindex/{COLLECTION}": "ran"}
     assert "gate: its inputs changed since it ran" in changed.stderr
     assert versions(repo, "tiny_image") == [3, 2] and _fingerprint(gateway) == new  # the same weights
+    same = ("name", "fingerprint", "count", "created")  # already embedded by them: the reindex had nothing to do
+    assert {k: _collection(gateway)[k] for k in same} == {k: reindexed[k] for k in same}
 
 
 def test_a_bad_config_and_a_base_checkpoint_that_is_not_the_served_models_are_refused(tmp_path, tiny_repo):
