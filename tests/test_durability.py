@@ -172,22 +172,32 @@ def test_kill_minus_nine_during_ingestion_loses_and_duplicates_nothing(gateway_f
         check_acknowledged_writes(client, kind, w)
 
 
-@pytest.mark.parametrize("backend", ["milvus-lite", "milvus-server"])
-def test_kill_minus_nine_of_the_gateway_on_milvus(backend, gateway_factory, tmp_path, request):
-    server = request.getfixturevalue("milvus_server") if backend == "milvus-server" else None
-    env = index_env(backend, tmp_path / "collections", server)
+def ingest_until(gateway_factory, env: dict[str, str], kill) -> tuple:
+    """A gateway on ``env``, writers on two collections through it until ACKED_BEFORE_KILL, then ``kill(gateway)``;
+    (the gateway, the writers once they stopped)."""
     gateway = gateway_factory(**env)
     writers = start_writers(httpx.Client(base_url=gateway.url, timeout=60), gateway.url)
     for w in writers.values():
         w.wait_for(ACKED_BEFORE_KILL)
-    gateway.kill()
+    kill(gateway)
     for w in writers.values():
         w.join()
+    return gateway, writers
 
-    restarted = gateway_factory(**env)
-    client = httpx.Client(base_url=restarted.url, timeout=60)
+
+def check_on_a_new_gateway(gateway_factory, env: dict[str, str], writers: dict[str, Writers]) -> None:
+    client = httpx.Client(base_url=gateway_factory(**env).url, timeout=60)
     for kind, w in writers.items():
+        assert not any(t.is_alive() for t in w.threads), f"{kind}: a writer went on writing after the kill"
         check_acknowledged_writes(client, kind, w)
+
+
+@pytest.mark.parametrize("backend", ["milvus-lite", "milvus-server"])
+def test_kill_minus_nine_of_the_gateway_on_milvus(backend, gateway_factory, tmp_path, request):
+    server = request.getfixturevalue("milvus_server") if backend == "milvus-server" else None
+    env = index_env(backend, tmp_path / "collections", server)
+    _, writers = ingest_until(gateway_factory, env, lambda gateway: gateway.kill())
+    check_on_a_new_gateway(gateway_factory, env, writers)
 
 
 def test_kill_minus_nine_of_the_milvus_server(milvus_server, gateway_factory, tmp_path):
@@ -195,19 +205,8 @@ def test_kill_minus_nine_of_the_milvus_server(milvus_server, gateway_factory, tm
     every write the gateway acknowledged is there. The gateway's writes in flight fail (its answer or its connection
     does), so their writers stop with those writes uncertain; a new gateway reads the restarted server."""
     env = index_env("milvus-server", tmp_path / "collections", milvus_server)
-    gateway = gateway_factory(**env)
-    writers = start_writers(httpx.Client(base_url=gateway.url, timeout=60), gateway.url)
-    for w in writers.values():
-        w.wait_for(ACKED_BEFORE_KILL)
-    milvus_server.kill()
-    for w in writers.values():
-        w.join()
+    gateway, writers = ingest_until(gateway_factory, env, lambda gateway: milvus_server.kill())
     gateway.kill()
     milvus_server.start()  # on the same data; the port may move (see testkit/milvus.py)
-
     env["HQCLIP_INDEX__MILVUS_URI"] = milvus_server.on_this_port(env["HQCLIP_INDEX__MILVUS_URI"])
-    restarted = gateway_factory(**env)
-    client = httpx.Client(base_url=restarted.url, timeout=60)
-    for kind, w in writers.items():
-        assert not any(t.is_alive() for t in w.threads), "a writer went on writing with its Milvus server dead"
-        check_acknowledged_writes(client, kind, w)
+    check_on_a_new_gateway(gateway_factory, env, writers)
