@@ -1,9 +1,11 @@
 """The GPU gateway's requirement set: hqclip[serve] with the CPU builds that the `gpu` extra replaces taken out.
 
 faiss-cpu and faiss-gpu-cu12 both install the module ``faiss``, onnxruntime and onnxruntime-gpu both
-``onnxruntime``: installed side by side, whichever pip unpacks last overwrites part of the other. An extra cannot
-take a package out of another, so this prints pyproject.toml's dependencies + serve - the replaced CPU builds + gpu,
-one per line, for docker/Dockerfile.gateway-gpu to install and `make check-gpu-extra` to resolve:
+``onnxruntime``: installed side by side, whichever pip unpacks last overwrites part of the other. milvus-lite (the
+embedded Milvus) requires faiss-cpu, so it stays out too: a GPU host's gateway keeps collections in FAISS-GPU or on a
+Milvus server (``HQCLIP_INDEX__MILVUS_URI=http://...``). An extra cannot take a package out of another, so this
+prints pyproject.toml's dependencies + serve - the replaced CPU builds - milvus-lite + gpu, one per line, for
+docker/Dockerfile.gateway-gpu to install and `make check-gpu-extra` to resolve:
 
     python docker/gpu_requirements.py > gpu.txt
     pip install --dry-run --ignore-installed --only-binary=:all: --report report.json -r gpu.txt
@@ -24,6 +26,7 @@ import tomllib
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 REPLACES = {"faiss-cpu": "faiss-gpu-cu12", "onnxruntime": "onnxruntime-gpu"}  # serve's CPU build: its GPU build
+LEFT_OUT = {"milvus-lite"}  # serve's packages that pull a CPU build in (milvus-lite requires faiss-cpu)
 
 
 def name(requirement: str) -> str:
@@ -38,7 +41,7 @@ def requirements(pyproject: Path = PYPROJECT) -> list[str]:
     missing = set(REPLACES.values()) - gpu
     if missing:
         raise SystemExit(f"pyproject.toml's gpu extra lacks {sorted(missing)}, which replace {sorted(REPLACES)}")
-    serve = [r for r in extras["serve"] if name(r) not in REPLACES]
+    serve = [r for r in extras["serve"] if name(r) not in REPLACES and name(r) not in LEFT_OUT]
     return project["dependencies"] + serve + extras["gpu"]
 
 
