@@ -74,6 +74,16 @@ def clustered_chunks(n: int, seed: int, clusters: int = 1000, spread: float = 0.
         yield start, (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
+def ingested(n: int, label: str):
+    """The ``n`` indexed vectors (seed 1) chunk by chunk, with a progress bar: a 1M build takes many minutes."""
+    from tqdm import tqdm
+
+    with tqdm(total=n, desc=label, unit="vec", unit_scale=True, mininterval=5) as bar:
+        for start, x in clustered_chunks(n, seed=1):
+            yield start, x
+            bar.update(len(x))
+
+
 def clustered(n: int, seed: int) -> np.ndarray:
     return np.concatenate([x for _, x in clustered_chunks(n, seed)])
 
@@ -94,7 +104,7 @@ def bench_kind(kind: str, n: int, queries: np.ndarray, truth: np.ndarray | None,
     gc.collect()
     started = time.perf_counter()
     collection = FaissCollection.create(path, spec)
-    for start, x in clustered_chunks(n, seed=1):
+    for start, x in ingested(n, f"faiss {kind}"):
         collection.upsert([Item(id=f"v{start + i}", tags=[f"t{(start + i) % 10}"]) for i in range(len(x))], x)
     build_s = time.perf_counter() - started
     collection.snapshot()
@@ -209,7 +219,7 @@ def backend_rows(args, repo: Path | None, work: Path) -> list[dict]:
                 spec = IndexSpec(**params.model_dump(exclude={"kind"}), kind=kind, dim=DIM)
                 started = time.perf_counter()
                 collection = catalog.create(kind, Info(spec, None, None, time.time()))
-                for start, x in clustered_chunks(n, seed=1):
+                for start, x in ingested(n, f"{backend} {kind}"):
                     for at in range(0, len(x), 2000):  # 2k per request: a 10k-item gRPC message is ~25 MB
                         part = x[at : at + 2000]
                         collection.upsert([Item(id=f"v{start + at + i}", tags=[f"t{(start + at + i) % 10}"])
