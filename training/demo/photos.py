@@ -104,7 +104,7 @@ def load(name: str) -> Image.Image:
         return Image.open(Path(matplotlib.get_data_path()) / "sample_data" / item).convert("RGB")
     if source == "plasma":
         wallpaper, _, file = item.partition("/")
-        source, item = "plasma", f"{wallpaper}/contents/images/{file}"
+        item = f"{wallpaper}/contents/images/{file}"  # the Plasma package layout
     folder = {"mate": MATE_DIR, "tuxpaint": TEMPLATES_DIR, "lomiri": LOMIRI_DIR, "plasma": PLASMA_DIR}.get(source)
     if folder is None:
         raise ValueError(f"unknown photo source in {name!r}: skimage, sklearn, matplotlib, mate, tuxpaint, lomiri "
