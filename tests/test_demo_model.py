@@ -445,6 +445,51 @@ def test_photo_accuracy_in_problems_of_ten_classes():
     assert got["photo_top1_10way"] == pytest.approx((n - 1 + comb(others - 1, 9) / comb(others, 9)) / n)
 
 
+def test_imagenet_hypernyms_name_what_imagenet_lacks():
+    """WordNet (Debian wordnet-base) gives the ImageNet leaves the everyday names above them, not the top nodes."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    from training.demo.hypernyms import MAX_LEAVES, MIN_LEAVES, imagenet_hypernyms
+
+    hypernyms = imagenet_hypernyms()
+    names = {h.name: {IMAGENET_CLASSNAMES[c] for c in h.classes} for h in hypernyms}
+    assert names["domestic cat"] == {"tabby cat", "tiger cat", "Persian cat", "Siamese cat", "Egyptian Mau"}
+    assert names["person"] == {"baseball player", "bridegroom", "scuba diver"}
+    assert {"church", "mosque", "palace", "barn"} <= names["building"]
+    assert all(MIN_LEAVES <= len(h.classes) <= MAX_LEAVES for h in hypernyms)
+    assert not {"entity", "artifact", "organism"} & set(names)
+
+
+def test_distilled_class_texts_mix_in_their_hypernyms():
+    """A class's text features: (1 - share) its own prompts' mean, share the mean of its ancestors' prompt means."""
+    from hqclip.repo.prompts import DEFAULT_TEMPLATES
+    from training.demo.distill import PhotoFeatures, hypernym_prompts, hypernyms_of, photo_prompts, with_hypernyms
+
+    classes = [281, 0]  # tabby cat, tench
+    texts = photo_prompts(classes)
+    photos = PhotoFeatures(crops=torch.zeros(0, 4), crop_sources=[], heldout=torch.zeros(0, 4), heldout_names=[],
+                           heldout_labels=[], classes=classes, texts=texts, text=torch.randn(len(texts), 4))
+    own = torch.randn(2, 4)
+    got = with_hypernyms(own, photos, 0.25)
+    for row, cls in enumerate(classes):
+        above = [h for h in hypernyms_of(classes) if cls in h.classes]
+        assert {"cat", "domestic cat"} <= {h.name for h in above} if cls == 281 else "fish" in {h.name for h in above}
+        means = photos.text_rows(hypernym_prompts(above)).view(len(above), len(DEFAULT_TEMPLATES), -1).mean(1)
+        torch.testing.assert_close(got[row], 0.75 * own[row] + 0.25 * means.mean(0))
+
+
+@pytest.mark.parametrize("start", ["identity", "frozen_identity"])
+def test_text_projection_can_start_at_the_identity(start):
+    from training.demo.build import demo_sections
+    from training.demo.cached import Heads
+
+    distill, heads_cfg = demo_sections([f"heads.text_projection={start}", "distill.weight=2"])
+    assert distill.weight == 2 and heads_cfg.text_projection == start
+    heads = Heads(8, 4, 4, text_projection=heads_cfg.text_projection)
+    assert torch.equal(heads.text_proj.weight, torch.eye(4))
+    assert heads.text_proj.weight.requires_grad == (start == "identity") and heads.image_proj.weight.requires_grad
+
+
 @pytest.fixture(scope="module")
 def small_demo(tmp_path_factory) -> Path:
     """A demo work folder (``build/demo``'s layout) from a 1-in-25 subset of the stamps and emoji, one crop per
@@ -457,6 +502,28 @@ def small_demo(tmp_path_factory) -> Path:
     assert counts["train"] and counts["heldout"]
     build_photo_features(work, crops_per_photo=1, classes=list(range(0, 1000, 50)))
     return work
+
+
+@pytest.mark.slow
+def test_photo_features_rebuilt_when_the_photo_set_changes(small_demo, tmp_path):
+    """A feature file of other crops is encoded again (its prompts' features reused); one that fits is kept."""
+    import shutil
+
+    from training.demo.build import build_photo_features
+    from training.demo.distill import PhotoFeatures
+    from training.demo.photos import TRAINING
+
+    classes = list(range(0, 1000, 50))
+    shutil.copy(small_demo / "features-photos.pt", tmp_path / "features-photos.pt")
+    before = PhotoFeatures.load(tmp_path / "features-photos.pt")
+    path = build_photo_features(tmp_path, crops_per_photo=2, classes=classes)
+    after = PhotoFeatures.load(path)
+    assert after.fits(2, classes) and not before.fits(2, classes) and len(after.crops) == 2 * len(TRAINING)
+    assert after.texts == before.texts and torch.equal(after.text, before.text)
+    torch.testing.assert_close(after.heldout, before.heldout)
+    stamp = path.stat().st_mtime_ns
+    assert build_photo_features(tmp_path, crops_per_photo=2, classes=classes) == path
+    assert path.stat().st_mtime_ns == stamp
 
 
 RETRAIN = ["optim.steps=5", "optim.warmup_steps=1", "data.batch_size=32", "data.vocab_min_count=1",

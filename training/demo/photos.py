@@ -3,7 +3,10 @@
 Sources (nothing downloaded at run time):
 - scikit-image's bundled photos (``skimage.data``), scikit-learn's two sample images, matplotlib's Grace Hopper;
 - Debian ``mate-backgrounds``: the nature photos (``/usr/share/backgrounds/mate/nature``);
-- Debian ``tuxpaint-data``: Tux Paint's photo templates (``/usr/share/tuxpaint/templates``).
+- Debian ``tuxpaint-data``: Tux Paint's photo templates (``/usr/share/tuxpaint/templates``);
+- Debian ``lomiri-wallpapers-16.04``, ``lomiri-wallpapers-20.04`` (``/usr/share/backgrounds``) and
+  ``plasma-workspace-wallpapers`` (``/usr/share/wallpapers/<name>/contents/images``): their photographs (the
+  abstract and rendered wallpapers are left out), training only.
 
 :data:`HELDOUT` holds the photos with a subject a person names at a glance, labelled by hand from the file name
 and a look at the picture (``LadyBird.jpg``: a ladybug; ``trees_at_dusk.jpg``: a tree). They are never trained
@@ -21,10 +24,13 @@ from PIL import Image
 
 MATE_DIR = Path("/usr/share/backgrounds/mate/nature")
 TEMPLATES_DIR = Path("/usr/share/tuxpaint/templates")
-APT_PACKAGES = ("mate-backgrounds", "tuxpaint-data")
+LOMIRI_DIR = Path("/usr/share/backgrounds")
+PLASMA_DIR = Path("/usr/share/wallpapers")
+APT_PACKAGES = ("mate-backgrounds", "tuxpaint-data", "lomiri-wallpapers-16.04", "lomiri-wallpapers-20.04",
+                "plasma-workspace-wallpapers")
 
 # photo -> class, by hand. Sources: "skimage:<name>", "sklearn:<file>", "matplotlib:<file>", "mate:<file>",
-# "tuxpaint:<file>".
+# "tuxpaint:<file>", "lomiri:<file>", "plasma:<wallpaper>/<file>".
 HELDOUT = {
     "skimage:chelsea": "cat",
     "skimage:coffee": "cup of coffee",
@@ -60,8 +66,23 @@ TRAINING = (
     "tuxpaint:burnt_bark.jpg", "tuxpaint:mossy_bark.jpg", "tuxpaint:mossy_log.jpg", "tuxpaint:mudstone.jpg",
     "tuxpaint:rocks.jpg", "tuxpaint:cliff.jpg", "tuxpaint:corn_maze.jpg", "tuxpaint:wool_mill_machine.jpg",
     "tuxpaint:spiders_web.jpg", "mate:Aqua.jpg", "mate:Dune.jpg", "mate:TwoWings.jpg", "mate:Wood.jpg",
-    "skimage:gravel", "skimage:brick", "skimage:hubble_deep_field", "skimage:retina",
+    "skimage:gravel", "skimage:brick", "skimage:hubble_deep_field", "skimage:retina", "skimage:clock",
+    # a bridge, a dragonfly, a fig in a bowl, paintbrushes, a room, mountains, a bird figure, two dogs, a clock,
+    # a stream, a path, dandelions, a sunset; a nuthatch
+    "lomiri:Bridge_by_Sander_Klootwijk.jpg", "lomiri:Dragonfly_by_Bolly.jpg", "lomiri:Picture_0B_by_freespace.jpg",
+    "lomiri:Picture_1A_by_freespace.jpg", "lomiri:Wine_by_Jakkub_Mede.jpg", "lomiri:aitzgorri_by_Aitzol_Berasategi.jpg",
+    "lomiri:free_by_Peter_Nerlich.jpg", "lomiri:friends_by_Aitzol_Berasategi.jpg",
+    "lomiri:greentock_by_Peter_Nerlich.jpg", "lomiri:life_by_Aitzol_Berasategi.jpg",
+    "lomiri:picosdeeuropa_by_Aitzol_Berasategi.jpg", "lomiri:seeding_by_Clements_Engelhardt.jpg",
+    "lomiri:sunset_by_Aitzol_Berasategi.jpg", "lomiri:Kleiber_by_Lukas_Baubkus.jpg",
+    # a jetty, a pier in fog, cups, a lake at dusk, rowing boats, a fallen leaf, a facade, a kite in the sky, a
+    # field of moss, a forest path, a lake at night, waves on a beach
+    "plasma:BytheWater/2560x1600.jpg", "plasma:ColdRipple/2560x1600.jpg", "plasma:ColorfulCups/2560x1600.jpg",
+    "plasma:DarkestHour/2560x1600.jpg", "plasma:EveningGlow/2560x1600.jpg", "plasma:FallenLeaf/2560x1600.jpg",
+    "plasma:Grey/2560x1600.jpg", "plasma:Kite/2560x1600.jpg", "plasma:OneStandsOut/2560x1600.jpg",
+    "plasma:Path/2560x1600.jpg", "plasma:summer_1am/2560x1600.jpg", "plasma:Volna/5120x2880.jpg",
 )
+CROPS_PER_PHOTO = 64  # random crops of each training photo (docs/demo-model.md)
 PROBLEM_SIZE = 10  # the headline metric: top-1 in problems of this many classes (docs/demo-model.md)
 
 
@@ -81,9 +102,13 @@ def load(name: str) -> Image.Image:
         import matplotlib
 
         return Image.open(Path(matplotlib.get_data_path()) / "sample_data" / item).convert("RGB")
-    folder = {"mate": MATE_DIR, "tuxpaint": TEMPLATES_DIR}.get(source)
+    if source == "plasma":
+        wallpaper, _, file = item.partition("/")
+        item = f"{wallpaper}/contents/images/{file}"  # the Plasma package layout
+    folder = {"mate": MATE_DIR, "tuxpaint": TEMPLATES_DIR, "lomiri": LOMIRI_DIR, "plasma": PLASMA_DIR}.get(source)
     if folder is None:
-        raise ValueError(f"unknown photo source in {name!r}: skimage, sklearn, matplotlib, mate or tuxpaint")
+        raise ValueError(f"unknown photo source in {name!r}: skimage, sklearn, matplotlib, mate, tuxpaint, lomiri "
+                         "or plasma")
     if not (folder / item).is_file():
         raise FileNotFoundError(f"{folder / item} is missing: apt-get install {' '.join(APT_PACKAGES)}")
     return Image.open(folder / item).convert("RGB")
