@@ -33,7 +33,6 @@ import math
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep instead of spinning on shared cores
-import platform
 import shutil
 import sys
 import tempfile
@@ -283,24 +282,23 @@ def backend_report(rows: list[dict], args) -> list[str]:
 
 def report(index_rows: list[dict], http_rows: list[dict], skipped: list[str], args,
            backends: list[dict] | None = None) -> str:
-    cpu = f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}"
     lines = [
         "## Retrieval benchmark (benchmarks/index_bench.py)", "",
         f"Clustered unit vectors, {DIM}-d (1000 centres), {args.queries} queries not in the set, k={K}; "
-        f"{cpu}, FAISS {faiss.__version__}, {faiss.omp_get_max_threads()} OpenMP threads; "
+        f"FAISS {faiss.__version__}, {faiss.omp_get_max_threads()} OpenMP threads; "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {os.getloadavg()[0]:.1f} at the end "
         "(on a shared machine absolute times are pessimistic; the side-by-side ratios are the point).",
-        "", "### Index kinds", "",
-        "| kind | vectors | search knob | build s | index MiB | recall@10 | queries/s |",
-        "|---|---:|---|---:|---:|---:|---:|",
     ]
-    for r in index_rows:
-        lines.append(f"| {r['kind']} | {r['n']:,} | {r['knob']} | {r['build_s']:.1f} | {r['memory_mb']:.0f} | "
-                     f"{r['recall']:.3f} | {r['qps']:.0f} |")
-    lines += ["", "- build s: durable upserts of 10k items at a time (SQLite metadata + WAL with the vectors, FAISS "
-              "adds; ivfpq: the training they trigger); index MiB: the snapshot file (flat/hnsw: the vectors, "
-              "+ graph; ivfpq: PQ codes + the full vectors kept for exact re-ranking); queries/s: one batch of "
-              "queries through Collection.search (FAISS + the hits' metadata from SQLite)."]
+    if index_rows:
+        lines += ["", "### Index kinds", "",
+                  "| kind | vectors | search knob | build s | index MiB | recall@10 | queries/s |",
+                  "|---|---:|---|---:|---:|---:|---:|"]
+        lines += [f"| {r['kind']} | {r['n']:,} | {r['knob']} | {r['build_s']:.1f} | {r['memory_mb']:.0f} | "
+                  f"{r['recall']:.3f} | {r['qps']:.0f} |" for r in index_rows]
+        lines += ["", "- build s: durable upserts of 10k items at a time (SQLite metadata + WAL with the vectors, "
+                  "FAISS adds; ivfpq: the training they trigger); index MiB: the snapshot file (flat/hnsw: the "
+                  "vectors, + graph; ivfpq: PQ codes + the full vectors kept for exact re-ranking); queries/s: one "
+                  "batch of queries through Collection.search (FAISS + the hits' metadata from SQLite)."]
     lines += [f"- {line}" for line in skipped]
     best = [r for r in index_rows if r["n"] >= 1_000_000 and r["kind"] != "flat"]
     if best:

@@ -11,9 +11,13 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
 def record(text: str, out: Path | str = RESULTS) -> None:
-    """Append ``text`` (a markdown section) to ``out``, set off by a blank line."""
+    """Append ``text`` (a markdown section) to ``out``, set off by a blank line, with the processor line under its
+    title unless the section already names it (a script that took it at its start)."""
+    lines = text.strip("\n").splitlines()
+    if not any(line.startswith("CPU: ") for line in lines):
+        lines[1:1] = ["", machine_line()]
     with open(out, "a") as handle:
-        handle.write("\n" + text.strip("\n") + "\n")
+        handle.write("\n" + "\n".join(lines) + "\n")
 
 
 def machine_line() -> str:
