@@ -1,17 +1,26 @@
 """CPU serving against its peers, one run: the physical limit, the gateway (fp32 on ONNX Runtime and on OpenVINO,
 and with its default settings: HQCLIP_PRECISION=auto and HQCLIP_BACKEND=auto), a plain FastAPI + open_clip server
-and infinity-emb (where installed), all on ViT-B-16 shapes (random weights) and 224 px JPEGs.
+and infinity-emb (where installed), all on ViT-B-16 shapes and 224 px JPEGs.
 
     bash benchmarks/peers/setup_infinity.sh                      # infinity-emb in build/venvs/infinity (once)
     nice -n 10 .venv/bin/python benchmarks/cpu_peers.py          # appends to benchmarks/RESULTS.md
+
+The gateway serves random weights by default. ``--model`` serves a trained ViT-B-16 instead, so that its int8
+variant is gated on a model whose zero-shot accuracy means something (benchmarks/vitb16_digits.py trains one on
+MNIST digits; its variants are gated on the offline digit set, ``--eval-data none``):
+
+    nice -n 10 .venv/bin/python benchmarks/cpu_peers.py --model build/vitb16-digits/model --eval-data none \
+        --variants int8
+
+The peers run random weights of the same architecture either way: their speed does not depend on the values.
 
 What it measures, in this order:
 1. the machine (services/backends/cpu.py: AVX512-BF16, AMX, VNNI) and its matrix-multiply GFLOP/s in fp32 and,
    where the CPU has bf16 units, bf16 (torch, oneDNN; numpy for fp32), alternating rounds; the model's GFLOP per
    image (torch's flop counter on open_clip's ViT-B-16 image tower); limit = GFLOP/s / GFLOP per image;
-2. the model repository ``build/peers/model_repo`` (``vitb16``: ``hqclip export ViT-B-16`` plus the ``--variants``
-   this CPU computes natively, each through its parity gates), built once; the Hugging Face CLIP folder for
-   infinity;
+2. the model repository (``vitb16``: ``hqclip export ViT-B-16``, or ``--model``, plus the ``--variants`` this CPU
+   computes natively, each through its parity gates), built once per model (``model_repo(model)``); the Hugging
+   Face CLIP folder for infinity;
 3. the variants' in-process speed (batch 8), to pick the fastest one that passed its gates;
 4. the servers at once, each measured for ``--seconds`` per cell and round, servers in rotating order within each
    cell so drift cancels: concurrency 1 and 8, 1 and 8 images per request; images/s, p50/p99 latency, RSS.
@@ -51,7 +60,7 @@ from services.backends.cpu import this_cpu  # noqa: E402
 from testkit.processes import free_port  # noqa: E402
 
 BUILD = ROOT / "build" / "peers"
-REPO = BUILD / "model_repo"
+RANDOM_WEIGHTS = "ViT-B-16"
 HF_CLIP = BUILD / "hf-clip-vit-b-16"
 INFINITY = ROOT / "build" / "venvs" / "infinity"
 MODEL = "vitb16"
@@ -104,11 +113,20 @@ def model_gflop() -> float:
 
 # --- 2. the models ---
 
-def prepare(eval_images: int, variants: list[str]) -> dict[str, str]:
+def model_repo(model: str) -> Path:
+    """Where ``model`` is exported: ``build/peers/model_repo`` for the random-weight ViT-B-16, else a repository
+    named after the trained model's path (so a trained model never mixes with the random one's variants)."""
+    if model == RANDOM_WEIGHTS:
+        return BUILD / "model_repo"
+    return BUILD / ("model_repo-" + "-".join(Path(model).resolve().parts[-2:]))
+
+
+def prepare(repo: Path, model: str, eval_data: Path | None, eval_images: int, variants: list[str]
+            ) -> dict[str, str]:
     """The exported repository with its variants (gates decide which exist) and the Hugging Face folder."""
-    if not (REPO / f"{MODEL}.manifest.json").is_file():
-        log("exporting ViT-B-16 (random weights) to the peers' model repository")
-        subprocess.run([sys.executable, "-m", "hqclip.cli", "export", "ViT-B-16", "--out", str(REPO), "--name",
+    if not (repo / f"{MODEL}.manifest.json").is_file():
+        log(f"exporting {model} to {repo}")
+        subprocess.run([sys.executable, "-m", "hqclip.cli", "export", model, "--out", str(repo), "--name",
                         MODEL], cwd=ROOT, check=True)
     outcome = {}
     for precision in variants:
@@ -117,13 +135,13 @@ def prepare(eval_images: int, variants: list[str]) -> dict[str, str]:
         except EmulatedPrecision as exc:  # the gateway would refuse to serve it here
             outcome[precision] = f"not built: {exc}"
             continue
-        if precision in load_manifest(REPO, MODEL).variants:
+        if precision in load_manifest(repo, MODEL).variants:
             outcome[precision] = "passed"
             continue
         log(f"building the {precision} variant through its gates ({eval_images} evaluation images)")
         try:
-            export_precision(REPO, precision, name=MODEL, data=ROOT / "build" / "demo" / "data",
-                             max_images=eval_images, max_calibration=32)
+            export_precision(repo, precision, name=MODEL, data=eval_data, max_images=eval_images,
+                             max_calibration=32)
             outcome[precision] = "passed"
         except GateFailed as exc:
             outcome[precision] = f"failed: {exc}"
@@ -150,11 +168,11 @@ def photos() -> list[bytes]:
     return encoded
 
 
-def in_process_speed(precision: str, pixels: np.ndarray, reps: int = 3) -> float:
+def in_process_speed(repo: Path, precision: str, pixels: np.ndarray, reps: int = 3) -> float:
     """Images/s of the variant's image tower at batch 8 in this process (the runtime the gateway uses)."""
-    manifest = load_manifest(REPO, MODEL)
+    manifest = load_manifest(repo, MODEL)
     model = manifest.towers(precision)[0]
-    run = tower_runner(onnx_path(REPO, model), precision)
+    run = tower_runner(onnx_path(repo, model), precision)
     run(pixels)
     best = 0.0
     for _ in range(reps):
@@ -207,10 +225,10 @@ def start(name: str, command: list[str], env: dict[str, str], port: int, path: s
     raise RuntimeError(f"{name} not ready after {STARTUP_TIMEOUT_S}s: see {logfile}")
 
 
-def start_servers(started: list[Server]) -> None:
+def start_servers(repo: Path, started: list[Server]) -> None:
     """Start the servers into ``started`` (so the caller stops those that did start if one fails)."""
     python = sys.executable
-    gateway_env = {"HQCLIP_MODEL_REPO": str(REPO), "HQCLIP_MODEL": MODEL, "HQCLIP_LOG_LEVEL": "info"}
+    gateway_env = {"HQCLIP_MODEL_REPO": str(repo), "HQCLIP_MODEL": MODEL, "HQCLIP_LOG_LEVEL": "info"}
     image_request = {"model": MODEL, "modality": "image", "encoding_format": "float"}
     for name, settings in (("gateway fp32, ONNX Runtime", {"HQCLIP_PRECISION": "fp32",
                                                            "HQCLIP_BACKEND": "onnxruntime"}),
@@ -269,6 +287,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--eval-images", type=int, default=64, help="Parity images when building a variant.")
     parser.add_argument("--variants", default="bf16,int8", help="Variants to build (each through its gates).")
+    parser.add_argument("--model", default=RANDOM_WEIGHTS,
+                        help="What the gateway serves: a ViT-B-16 `hqclip export` loads (a trained checkpoint file "
+                        "or folder, e.g. build/vitb16-digits/model); default: random weights.")
+    parser.add_argument("--eval-data", default=str(ROOT / "build" / "demo" / "data"),
+                        help="Parity data for the variants' gates: the demo's held-out set, or 'none' for the "
+                        "offline set (scikit-image pictures + MNIST digits; docs/precision.md).")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS.md",
                         help="Markdown file the report is appended to, as a section.")
     args = parser.parse_args()
@@ -285,16 +309,19 @@ def main() -> None:
     peak = {kind: statistics.median(values) for kind, values in gflops.items()}
     log(f"model {gflop:.1f} GFLOP/image; matmul GFLOP/s {peak}")
 
-    gates = prepare(args.eval_images, [v for v in args.variants.split(",") if v])
+    repo = model_repo(args.model)
+    eval_data = None if args.eval_data.lower() == "none" else Path(args.eval_data)
+    gates = prepare(repo, args.model, eval_data, args.eval_images, [v for v in args.variants.split(",") if v])
     log(f"variants: {gates}")
-    manifest = load_manifest(REPO, MODEL)
+    manifest = load_manifest(repo, MODEL)
+    host["model"] = f"{manifest.architecture}, weights: {manifest.weights}"
     preprocess = ImagePreprocessor(manifest.image, 1 << 30, 1 << 30)
     jpegs = photos()
     pixels = np.stack([preprocess(jpegs[i % len(jpegs)]) for i in range(8)])
     speeds = {p: [] for p in ("fp32", *manifest.variants)}
     for _ in range(2):
         for precision in speeds:
-            speeds[precision].append(in_process_speed(precision, pixels))
+            speeds[precision].append(in_process_speed(repo, precision, pixels))
     speed = {p: statistics.median(v) for p, v in speeds.items()}
     variant = max(manifest.variants, key=speed.get, default=None)
     log(f"in-process images/s at batch 8: {speed}; fastest variant: {variant}")
@@ -303,7 +330,7 @@ def main() -> None:
     running: list[Server] = []
     results: dict[tuple[str, int, int], dict] = {}
     try:
-        start_servers(running)
+        start_servers(repo, running)
         chosen = (BUILD / "gateway defaults (auto).log").read_text().splitlines()
         host["auto"] = "; ".join(line.removeprefix("INFO:").strip() for line in chosen
                                  if line.startswith("INFO:     serving") or " tower " in line)
@@ -349,7 +376,8 @@ def render(host, gflop, peak, gates, speed, variant, running, results, rss, args
         "# CPU serving vs peers (benchmarks/cpu_peers.py)", "",
         f"{host['cpu']} Memory {host['memory_gib']} GiB.",
         f"Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {args.rounds} rounds x {args.seconds:.0f} s per "
-        "server and cell, servers in rotating order; ViT-B-16 shapes, random weights; 224 px JPEG photos.", "",
+        "server and cell, servers in rotating order; 224 px JPEG photos. The gateway serves "
+        f"{host['model']}; the peers serve random weights of the same architecture.", "",
         "## The physical limit", "",
         "| | value |", "|---|---|",
         f"| ViT-B-16 image tower, GFLOP per image (torch flop counter) | {gflop:.1f} |",

