@@ -76,7 +76,8 @@ def log(message: str) -> None:
 # --- 1. the machine and its limit ---
 
 def machine() -> dict[str, str]:
-    return {"cpu": machine_line(), "memory_gib": f"{psutil.virtual_memory().total / 2**30:.0f}"}
+    return {"cpu": machine_line(), "memory_gib": f"{psutil.virtual_memory().total / 2**30:.0f}",
+            "load": ", ".join(f"{x:.1f}" for x in os.getloadavg())}
 
 
 def matmul_gflops(kind: str, n: int = 2048, seconds: float = 1.5) -> float:
@@ -374,7 +375,8 @@ def render(host, gflop, peak, gates, speed, variant, running, results, rss, args
     auto = gateways[2]
     lines = [
         "# CPU serving vs peers (benchmarks/cpu_peers.py)", "",
-        f"{host['cpu']} Memory {host['memory_gib']} GiB.",
+        f"{machine_line()} At the start, when the matmul limit was measured: {host['load']}. Memory "
+        f"{host['memory_gib']} GiB.",
         f"Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {args.rounds} rounds x {args.seconds:.0f} s per "
         "server and cell, servers in rotating order; 224 px JPEG photos. The gateway serves "
         f"{host['model']}; the peers serve random weights of the same architecture.", "",
