@@ -11,13 +11,18 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
 def record(text: str, out: Path | str = RESULTS) -> None:
-    """Append ``text`` (a markdown section) to ``out``, set off by a blank line, with the processor line under its
-    title unless the section already names it (a script that took it at its start)."""
+    """Append ``text`` (a markdown section) to ``out``, set off by a blank line, named for its processor."""
+    with open(out, "a") as handle:
+        handle.write("\n" + with_machine(text) + "\n")
+
+
+def with_machine(text: str) -> str:
+    """``text`` with the processor line under its title, unless it names it already (a script that took it at its
+    start, with the load of then)."""
     lines = text.strip("\n").splitlines()
     if not any(line.startswith("CPU: ") for line in lines):
         lines[1:1] = ["", machine_line()]
-    with open(out, "a") as handle:
-        handle.write("\n" + "\n".join(lines) + "\n")
+    return "\n".join(lines)
 
 
 def machine_line() -> str:
@@ -30,7 +35,7 @@ def machine_line() -> str:
 def publish(lines: list[str], keep: bool) -> None:
     """Print a markdown section (its title, the processor line, the rest) and, with ``keep`` (a script's
     --record), append it to RESULTS.md."""
-    text = "\n".join([*lines[:1], "", machine_line(), *lines[1:]])
+    text = with_machine("\n".join(lines))
     print(text)
     if keep:
         record(text)

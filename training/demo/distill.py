@@ -79,7 +79,8 @@ def imagenet_prompts(classes: list[int]) -> list[str]:
 
 def hypernyms_of(classes: list[int]) -> list[Hypernym]:
     """The WordNet ancestors (training/demo/hypernyms.py) of any of the ImageNet ``classes``."""
-    return [h for h in imagenet_hypernyms() if set(h.classes) & set(classes)]
+    wanted = set(classes)
+    return [h for h in imagenet_hypernyms() if wanted.intersection(h.classes)]
 
 
 def hypernym_prompts(hypernyms: list[Hypernym]) -> list[str]:
@@ -104,8 +105,7 @@ def encode_photo_features(model, transform, tokenizer, crops_per_photo: int = CR
                           known: PhotoFeatures | None = None) -> PhotoFeatures:
     """Run the frozen towers of the demo model over the photos' crops, the held-out photos and the prompts of
     ``classes`` (ImageNet indices; default all 1000), of their WordNet ancestors and of the held-out classes.
-    Prompts whose features
-    ``known`` (an earlier photo feature file) holds are taken from it, not encoded again."""
+    Prompts whose features ``known`` (an earlier photo feature file) holds are taken from it, not encoded again."""
     from tqdm import tqdm
 
     model.eval()
