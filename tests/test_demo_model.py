@@ -399,7 +399,7 @@ def test_photo_sets_load_and_stay_apart():
     assert not set(HELDOUT) & set(TRAINING)
     for name in [*HELDOUT, *TRAINING]:
         image = load(name)
-        assert image.mode == "RGB" and min(image.size) >= 256, name
+        assert image.mode == "RGB" and min(image.size) >= 224, name  # the towers take 224 x 224
     image = load(TRAINING[0])
     first, again = crops(image, 4, "seed"), crops(image, 4, "seed")
     assert [c.size for c in first] == [c.size for c in again] and first[0].tobytes() == again[0].tobytes()
@@ -419,13 +419,14 @@ def test_teacher_is_the_imagenet_head_on_trunk_features(demo_model, classifier):
 
 
 def test_photo_accuracy_in_problems_of_ten_classes():
-    """evaluate_photos: top-1 among all classes, and the exact expected top-1 among the truth and 9 random others."""
+    """evaluate_photos: top-1 among all classes, and the exact expected top-1 among the truth and 9 random others,
+    overall and per held-out set."""
     from math import comb
 
     from hqclip.repo.prompts import DEFAULT_TEMPLATES
     from training.demo.cached import Heads
     from training.demo.distill import PhotoFeatures, evaluate_photos, heldout_prompts
-    from training.demo.photos import HELDOUT
+    from training.demo.photos import HELDOUT, OPENCV_HELDOUT
 
     classes = sorted(set(HELDOUT.values()))
     heads = Heads(len(classes), len(classes), len(classes))
@@ -433,16 +434,22 @@ def test_photo_accuracy_in_problems_of_ten_classes():
         heads.image_proj.weight.copy_(torch.eye(len(classes)))
         heads.text_proj.weight.copy_(torch.eye(len(classes)))
     text = torch.eye(len(classes)).repeat_interleave(len(DEFAULT_TEMPLATES), 0)  # class-major, as the prompts
-    image = torch.cat([torch.eye(len(classes)), torch.eye(len(classes))[[2]]])  # one right photo per class ...
-    image[-1, 3] = 0.5  # ... and one of class 3 that looks more like class 2: one class above the truth
+    names = [next(n for n, label in HELDOUT.items() if label == c) for c in classes]  # one right photo per class
+    assert classes[2] == "building" and names[2] == "sklearn:china.jpg"  # ... and a second building from opencv
+    names.append("opencv:data/home.jpg")  # that looks more like class 3: one class above the truth
+    image = torch.cat([torch.eye(len(classes)), torch.eye(len(classes))[[3]] + 0.5 * torch.eye(len(classes))[[2]]])
     photos = PhotoFeatures(crops=torch.zeros(0, len(classes)), crop_sources=[], heldout=image,
-                           heldout_names=[str(i) for i in range(len(image))], heldout_labels=[*classes, classes[3]],
+                           heldout_names=names, heldout_labels=[*classes, classes[2]],
                            classes=[], texts=heldout_prompts(), text=text)
     got = evaluate_photos(heads, photos)
-    n, others = len(image), len(classes) - 1
+    n, one_above = len(image), comb(len(classes) - 2, 9) / comb(len(classes) - 1, 9)  # one class above the truth
     assert got["photos"] == n and got["photo_classes"] == len(classes) > 10
     assert got["photo_top1"] == pytest.approx((n - 1) / n)
-    assert got["photo_top1_10way"] == pytest.approx((n - 1 + comb(others - 1, 9) / comb(others, 9)) / n)
+    assert got["photo_top1_10way"] == pytest.approx((n - 1 + one_above) / n)
+    from_opencv = sum(name in OPENCV_HELDOUT for name in names)
+    assert 1 < from_opencv < n - 1
+    assert got["photo_top1_10way_first"] == 1
+    assert got["photo_top1_10way_opencv"] == pytest.approx((from_opencv - 1 + one_above) / from_opencv)
 
 
 def test_imagenet_hypernyms_name_what_imagenet_lacks():
