@@ -11,8 +11,9 @@ and checked against torch by training/export.py), so it needs no torch and works
   with attention), served by OpenVINO, which runs QDQ graphs on the CPU's int8 dot-product units (VNNI, AMX-INT8).
   The first and last matrix layers of each tower and depthwise convolutions stay float; when a gate fails, the
   layers whose inputs lose most to quantization (lowest signal-to-quantization-noise ratio, measured per node on
-  the calibration data) are kept in float too, a growing share at a time (``FLOAT_SHARES``), and each tower is
-  also gated alone beside the other tower in fp32 (a per-tower variant), until one passes.
+  the calibration data) are kept in float too, a growing share at a time (``FLOAT_SHARES``), until both towers
+  pass. Each tower is also gated alone beside the other tower in fp32 (a per-tower variant): the first that passes
+  is installed if the pair never does.
 
 Gates, on real photos and texts never used for calibration (``ParityData``): mean cosine of each tower's
 embeddings to fp32 (``MIN_COSINE``) and zero-shot accuracy no more than ``MAX_ZERO_SHOT_DROP`` points below fp32.
@@ -433,11 +434,15 @@ def requested_variants(precisions: list[str], with_model: bool) -> list[str]:
 def export_precision(repo: Path, precision: str, name: str | None = None, data: Path | None = DEFAULT_DATA,
                      max_images: int = 256, max_calibration: int = 64, threads: int = 0,
                      min_cosine: float | None = None, max_zero_shot_drop: float = MAX_ZERO_SHOT_DROP,
-                     console: Console | None = None, force: bool = False) -> Manifest:
+                     console: Console | None = None, force: bool = False,
+                     float_shares: tuple[float, ...] = FLOAT_SHARES) -> Manifest:
     """Build, gate and install the ``precision`` variant of model ``name`` in ``repo``; the new manifest.
 
-    ``min_cosine`` defaults to the precision's gate (``MIN_COSINE``). Raises :class:`GateFailed`, having written
-    nothing, when the variant misses a gate at every attempt. On a CPU that only emulates ``precision`` it raises
+    int8 climbs ``float_shares`` (the share of the most sensitive matrix layers kept float) until both towers in
+    int8 pass; a tower that passes alone beside the other in fp32 first is kept, and installed (the first one found,
+    at the lowest share) only if the pair never passes. ``min_cosine`` defaults to the precision's gate
+    (``MIN_COSINE``). Raises :class:`GateFailed`, having written nothing, when the variant misses a gate at every
+    attempt. On a CPU that only emulates ``precision`` it raises
     :class:`EmulatedPrecision` before any work, unless ``force``: then the gates run on at most
     ``EMULATED_MAX_IMAGES`` images, so they end in minutes.
     """
@@ -458,31 +463,47 @@ def export_precision(repo: Path, precision: str, name: str | None = None, data: 
     fp32 = {tower: layout.onnx_path(repo, model, manifest.version(model))
             for tower, model in (("image", manifest.image.model), ("text", manifest.text.model))}
     gate = min_cosine or MIN_COSINE[precision]
-    missed: list[str] = []  # the gates the whole variant missed last
+    missed: list[str] = []  # the gates the pair of towers missed last
+    kept: tuple[dict[str, float], list[str], str] | None = None  # int8: the first per-tower variant that passed
     with gate_progress(console) as progress, staging(repo, f"{manifest.name}-{precision}") as stage:
         reference = embed(Towers(_onnxruntime_tower(fp32["image"], threads),
                                  _onnxruntime_tower(fp32["text"], threads)), parity_data, tokenizer, progress, "fp32")
         builder = _Builder(repo, stage, manifest, precision, fp32, parity_data, tokenizer, console)
-        for share in ([None] if precision == "bf16" else FLOAT_SHARES):
+        for share in ([None] if precision == "bf16" else float_shares):
             paths, counts = builder.build(share)
             attempt = "" if share is None else f" ({share:.0%} of the most sensitive matrix layers kept float)"
             variant = Towers(tower_runner(paths["image"], precision, threads),
                              tower_runner(paths["text"], precision, threads))
             made = embed(variant, parity_data, tokenizer, progress, f"{precision}{attempt}")
-            # int8: when the pair misses a gate, one tower in int8 beside the other in fp32 may still pass
-            options = per_tower(reference, made) if precision == "int8" else {"image and text": made}
+            # int8: when the pair misses a gate, one tower in int8 beside the other in fp32 may still pass; once one
+            # has, it is kept and the ladder goes on for the pair alone
+            options = per_tower(reference, made) if precision == "int8" and kept is None else {"image and text": made}
             for towers, embeddings in options.items():
                 report = compare(reference, embeddings, parity_data.labels, gate, max_zero_shot_drop)
                 numbers = ", ".join(f"{k}={v:.4g}" for k, v in report.parity.items())
                 missed = report.failures if towers == "image and text" else missed
-                if not report.failures:
-                    console.log(f"{manifest.name} {precision} ({towers} reduced): passed{attempt}: {numbers}")
-                    reduced = towers.split(" and ")
-                    counts = {k: v for k, v in counts.items() if k.split("_")[0] in reduced}
-                    return _install(repo, stage, manifest, precision, {**report.parity, **counts},
-                                    parity_data.source, reduced=reduced)
-                console.log(f"{manifest.name} {precision} ({towers} reduced): failed{attempt}: "
-                            + "; ".join(report.failures) + f" ({numbers})")
+                if report.failures:
+                    console.log(f"{manifest.name} {precision} ({towers} reduced): failed{attempt}: "
+                                + "; ".join(report.failures) + f" ({numbers})")
+                    continue
+                console.log(f"{manifest.name} {precision} ({towers} reduced): passed{attempt}: {numbers}")
+                reduced = towers.split(" and ")
+                parity = {**report.parity, **{k: v for k, v in counts.items() if k.split("_")[0] in reduced}}
+                if towers == "image and text":
+                    return _install(repo, stage, stage / "variant", manifest, precision, parity, parity_data.source,
+                                    reduced)
+                (stage / "variant").rename(stage / "per-tower")
+                kept = (parity, reduced, attempt)
+                if share != float_shares[-1]:
+                    console.log(f"{manifest.name} {precision}: keeping the {towers} int8 variant; trying both "
+                                "towers in int8 with more layers kept float")
+                break
+        if kept:
+            parity, reduced, attempt = kept
+            console.log(f"{manifest.name} {precision}: both towers missed at every share; installing the "
+                        f"{reduced[0]} int8 variant{attempt}")
+            return _install(repo, stage, stage / "per-tower", manifest, precision, parity, parity_data.source,
+                            reduced)
         raise GateFailed(f"{manifest.name}: the {precision} variant failed its parity gates on "
                          f"{parity_data.source}: " + "; ".join(missed)
                          + ". Nothing was written; serve fp32 or another precision.")
@@ -524,15 +545,15 @@ class _Builder:
         return {**built, "quantized_nodes": float(len(nodes) - len(keep))}
 
 
-def _install(repo: Path, stage: Path, manifest: Manifest, precision: str, parity: dict[str, float],
+def _install(repo: Path, stage: Path, built: Path, manifest: Manifest, precision: str, parity: dict[str, float],
              source: str, reduced: list[str]) -> Manifest:
-    """Move the variant's ``reduced`` towers in (replacing an older build of it) and add it to the manifest; a tower
-    not reduced is the fp32 one."""
+    """Move the variant's ``reduced`` towers from ``built`` in (replacing an older build of it) and add it to the
+    manifest; a tower not reduced is the fp32 one."""
     models = {"image": manifest.image.model, "text": manifest.text.model}
     models.update({tower: layout.variant_model(models[tower], precision) for tower in reduced})
     moved = [models[tower] for tower in reduced]
     for model in moved:
-        (stage / "variant" / model).rename(stage / model)
+        (built / model).rename(stage / model)
     variants = {**manifest.variants, precision: Variant(image_model=models["image"], text_model=models["text"],
                                                         runtime=RUNTIMES[precision], parity=parity,
                                                         evaluation=source)}
