@@ -216,8 +216,9 @@ def test_reexporting_fp32_clears_the_old_variants(variant_repo, tiny_checkpoint,
 
 @pytest.mark.slow
 def test_int8_keeps_one_tower_fp32_when_only_the_other_passes(variant_repo, tmp_path):
-    """A gate between the two towers' int8 cosines: the pair fails, the better tower in int8 beside the other in
-    fp32 passes and is installed as a per-tower variant (only its folder is written)."""
+    """A gate between the two towers' int8 cosines (the fixture's pair passed at 0 % kept float): the pair fails at
+    every share, the better tower in int8 beside the other in fp32 passes at the first, and that per-tower variant
+    is installed (only its folder is written), not one from a later rung of the ladder."""
     parity = load_manifest(variant_repo, "tiny").variants["int8"].parity
     image, text = parity["image_cosine_mean"], parity["text_cosine_mean"]
     assert image != text
@@ -230,8 +231,29 @@ def test_int8_keeps_one_tower_fp32_when_only_the_other_passes(variant_repo, tmp_
     models = {"image": variant.image_model, "text": variant.text_model}
     assert models[better] == f"tiny_{better}_int8" and models[worse] == f"tiny_{worse}"  # the fp32 tower
     assert variant.parity[f"{worse}_cosine_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert variant.parity[f"{better}_float_nodes"] == parity[f"{better}_float_nodes"]  # built at 0 % kept float
+    assert f"{worse}_float_nodes" not in variant.parity
     assert load_manifest(repo, "tiny", verify=True).towers("int8") == (models["image"], models["text"])
 
+
+@pytest.mark.slow
+def test_int8_goes_on_up_the_ladder_for_both_towers_after_one_passed_alone(variant_repo, tmp_path):
+    """The same gate, on a ladder whose second rung keeps every matrix layer float: the tower that passes alone at
+    the first rung keeps that build, the other climbs to the second beside it, and the pair is installed."""
+    parity = load_manifest(variant_repo, "tiny").variants["int8"].parity
+    repo = tmp_path / "repo"
+    shutil.copytree(variant_repo, repo)
+    manifest = export_precision(repo, "int8", name="tiny", data=tmp_path / "no-demo-data",
+                                min_cosine=(parity["image_cosine_mean"] + parity["text_cosine_mean"]) / 2,
+                                float_shares=(0.0, 1.0))
+    variant = manifest.variants["int8"]
+    assert (variant.image_model, variant.text_model) == ("tiny_image_int8", "tiny_text_int8")
+    better, worse = ("image", "text") if parity["image_cosine_mean"] > parity["text_cosine_mean"] else ("text", "image")
+    for key in ("float_nodes", "quantized_nodes"):  # as built at the first rung
+        assert variant.parity[f"{better}_{key}"] == parity[f"{better}_{key}"]
+    assert variant.parity[f"{worse}_quantized_nodes"] == 0  # the second rung
+    assert variant.parity[f"{worse}_float_nodes"] > parity[f"{worse}_float_nodes"]
+    assert load_manifest(repo, "tiny", verify=True).towers("int8") == ("tiny_image_int8", "tiny_text_int8")
 
 
 def test_the_digit_vit_trains_only_on_digits_the_gates_never_see():

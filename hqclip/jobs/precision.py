@@ -11,8 +11,10 @@ and checked against torch by training/export.py), so it needs no torch and works
   with attention), served by OpenVINO, which runs QDQ graphs on the CPU's int8 dot-product units (VNNI, AMX-INT8).
   The first and last matrix layers of each tower and depthwise convolutions stay float; when a gate fails, the
   layers whose inputs lose most to quantization (lowest signal-to-quantization-noise ratio, measured per node on
-  the calibration data) are kept in float too, a growing share at a time (``FLOAT_SHARES``), and each tower is
-  also gated alone beside the other tower in fp32 (a per-tower variant), until one passes.
+  the calibration data) are kept in float too, a growing share at a time (``FLOAT_SHARES``), until both towers
+  pass. Each tower is also gated alone beside the other tower in fp32 (a per-tower variant); the first that passes
+  keeps that build while the other tower climbs the ladder beside it, and is installed alone if the other never
+  passes.
 
 Gates, on real photos and texts never used for calibration (``ParityData``): mean cosine of each tower's
 embeddings to fp32 (``MIN_COSINE``) and zero-shot accuracy no more than ``MAX_ZERO_SHOT_DROP`` points below fp32.
@@ -433,8 +435,13 @@ def requested_variants(precisions: list[str], with_model: bool) -> list[str]:
 def export_precision(repo: Path, precision: str, name: str | None = None, data: Path | None = DEFAULT_DATA,
                      max_images: int = 256, max_calibration: int = 64, threads: int = 0,
                      min_cosine: float | None = None, max_zero_shot_drop: float = MAX_ZERO_SHOT_DROP,
-                     console: Console | None = None, force: bool = False) -> Manifest:
+                     console: Console | None = None, force: bool = False,
+                     float_shares: tuple[float, ...] = FLOAT_SHARES) -> Manifest:
     """Build, gate and install the ``precision`` variant of model ``name`` in ``repo``; the new manifest.
+
+    int8 climbs ``float_shares`` (the share of the most sensitive matrix layers kept float) until both towers in
+    int8 pass; a tower that passes alone beside the other in fp32 keeps that build (its lowest share, so its
+    speed) while the other climbs on, gated beside it; it is installed alone if the other never passes.
 
     ``min_cosine`` defaults to the precision's gate (``MIN_COSINE``). Raises :class:`GateFailed`, having written
     nothing, when the variant misses a gate at every attempt. On a CPU that only emulates ``precision`` it raises
@@ -458,31 +465,46 @@ def export_precision(repo: Path, precision: str, name: str | None = None, data: 
     fp32 = {tower: layout.onnx_path(repo, model, manifest.version(model))
             for tower, model in (("image", manifest.image.model), ("text", manifest.text.model))}
     gate = min_cosine or MIN_COSINE[precision]
-    missed: list[str] = []  # the gates the whole variant missed last
+    missed: list[str] = []  # the gates the pair of towers missed last
+    kept: tuple[dict[str, float], str, str] | None = None  # int8: the tower that passed alone, its parity and attempt
     with gate_progress(console) as progress, staging(repo, f"{manifest.name}-{precision}") as stage:
         reference = embed(Towers(_onnxruntime_tower(fp32["image"], threads),
                                  _onnxruntime_tower(fp32["text"], threads)), parity_data, tokenizer, progress, "fp32")
         builder = _Builder(repo, stage, manifest, precision, fp32, parity_data, tokenizer, console)
-        for share in ([None] if precision == "bf16" else FLOAT_SHARES):
-            paths, counts = builder.build(share)
+        for share in ([None] if precision == "bf16" else float_shares):
+            # int8: a tower that passed alone keeps that build; the ladder goes on for the other, gated as a pair
+            paths, counts = builder.build(share, keep=[kept[1]] if kept else [])
             attempt = "" if share is None else f" ({share:.0%} of the most sensitive matrix layers kept float)"
+            if kept:
+                attempt = f" ({kept[1]} tower as it passed alone{kept[2]}; the other with {share:.0%} kept float)"
             variant = Towers(tower_runner(paths["image"], precision, threads),
                              tower_runner(paths["text"], precision, threads))
             made = embed(variant, parity_data, tokenizer, progress, f"{precision}{attempt}")
             # int8: when the pair misses a gate, one tower in int8 beside the other in fp32 may still pass
-            options = per_tower(reference, made) if precision == "int8" else {"image and text": made}
+            options = per_tower(reference, made) if precision == "int8" and kept is None else {"image and text": made}
             for towers, embeddings in options.items():
                 report = compare(reference, embeddings, parity_data.labels, gate, max_zero_shot_drop)
                 numbers = ", ".join(f"{k}={v:.4g}" for k, v in report.parity.items())
                 missed = report.failures if towers == "image and text" else missed
-                if not report.failures:
-                    console.log(f"{manifest.name} {precision} ({towers} reduced): passed{attempt}: {numbers}")
-                    reduced = towers.split(" and ")
-                    counts = {k: v for k, v in counts.items() if k.split("_")[0] in reduced}
-                    return _install(repo, stage, manifest, precision, {**report.parity, **counts},
-                                    parity_data.source, reduced=reduced)
-                console.log(f"{manifest.name} {precision} ({towers} reduced): failed{attempt}: "
-                            + "; ".join(report.failures) + f" ({numbers})")
+                if report.failures:
+                    console.log(f"{manifest.name} {precision} ({towers} reduced): failed{attempt}: "
+                                + "; ".join(report.failures) + f" ({numbers})")
+                    continue
+                console.log(f"{manifest.name} {precision} ({towers} reduced): passed{attempt}: {numbers}")
+                reduced = towers.split(" and ")
+                parity = {**report.parity, **{k: v for k, v in counts.items() if k.split("_")[0] in reduced}}
+                if towers == "image and text":
+                    return _install(repo, stage, manifest, precision, parity, parity_data.source, reduced)
+                kept = (parity, towers, attempt)
+                if share != float_shares[-1]:
+                    console.log(f"{manifest.name} {precision}: keeping the {towers} tower's int8 build; the other "
+                                "tower goes on up the ladder, gated beside it")
+                break
+        if kept:
+            parity, tower, attempt = kept
+            console.log(f"{manifest.name} {precision}: the {'text' if tower == 'image' else 'image'} tower missed "
+                        f"at every share; installing the {tower} int8 variant{attempt}")
+            return _install(repo, stage, manifest, precision, parity, parity_data.source, [tower])
         raise GateFailed(f"{manifest.name}: the {precision} variant failed its parity gates on "
                          f"{parity_data.source}: " + "; ".join(missed)
                          + ". Nothing was written; serve fp32 or another precision.")
@@ -498,15 +520,20 @@ class _Builder:
         self.calibration = {"image": data.calibration_pixels, "text": tokenizer(data.calibration_texts)[0]}
         self.prepared: dict[str, Path] = {}
         self.ranking: dict[str, list[str]] = {}
+        self.built: dict[str, tuple[Path, dict[str, float]]] = {}
 
-    def build(self, share: float | None) -> tuple[dict[str, Path], dict[str, float]]:
-        shutil.rmtree(self.stage / "variant", ignore_errors=True)
+    def build(self, share: float | None, keep: list[str]) -> tuple[dict[str, Path], dict[str, float]]:
+        """Both towers' files and counts: those in ``keep`` as built last, the others built at ``share``."""
         paths, counts = {}, {}
         for tower, fp32_model in (("image", self.manifest.image.model), ("text", self.manifest.text.model)):
-            paths[tower] = _variant_folder(self.repo, self.stage / "variant", fp32_model, self.precision)
-            built = build_bf16(self.fp32[tower], paths[tower]) if share is None else \
-                self._int8(tower, paths[tower], share)
-            counts.update({f"{tower}_{k}": v for k, v in built.items()})
+            if tower not in keep:
+                shutil.rmtree(self.stage / "variant" / layout.variant_model(fp32_model, self.precision),
+                              ignore_errors=True)
+                target = _variant_folder(self.repo, self.stage / "variant", fp32_model, self.precision)
+                built = build_bf16(self.fp32[tower], target) if share is None else self._int8(tower, target, share)
+                self.built[tower] = target, {f"{tower}_{k}": v for k, v in built.items()}
+            paths[tower], tower_counts = self.built[tower]
+            counts.update(tower_counts)
         return paths, counts
 
     def _int8(self, tower: str, target: Path, share: float) -> dict[str, float]:
