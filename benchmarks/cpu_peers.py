@@ -36,6 +36,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -236,9 +237,11 @@ def start_servers(repo: Path, started: list[Server]) -> None:
                            ("gateway fp32, OpenVINO", {"HQCLIP_PRECISION": "fp32", "HQCLIP_BACKEND": "openvino"}),
                            ("gateway defaults (auto)", {})):
         port = free_port()
+        index = BUILD / "collections" / name  # its own empty index folder: never the user's data/collections
+        shutil.rmtree(index, ignore_errors=True)
         started.append(start(name, [python, "-m", "hqclip.cli", "serve"],
-                             {**gateway_env, **settings, "HQCLIP_PORT": str(port)}, port, "/v1/embeddings",
-                             image_request, "/ready"))
+                             {**gateway_env, **settings, "HQCLIP_PORT": str(port), "HQCLIP_INDEX__DIR": str(index)},
+                             port, "/v1/embeddings", image_request, "/ready"))
     port = free_port()
     started.append(start("FastAPI + open_clip", [python, "benchmarks/peers/openclip_server.py", "--model", "ViT-B-16",
                                                  "--port", str(port)], {}, port, "/embeddings", {}))
