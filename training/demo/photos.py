@@ -8,8 +8,8 @@ Sources (nothing downloaded at run time):
   ``plasma-workspace-wallpapers`` (``/usr/share/wallpapers/<name>/contents/images``): their photographs (the
   abstract and rendered wallpapers are left out), training only;
 - Debian ``opencv-doc``: the photographs among OpenCV's sample images (``/usr/share/doc/opencv-doc/examples``),
-  held out only: a second held-out set, added after every setting had been chosen on the first
-  (:data:`FIRST_HELDOUT`), so nothing was ever tuned on it.
+  held out only: a second held-out set, added after the first round of settings had been chosen on the first
+  (:data:`FIRST_HELDOUT`); the second round (docs/demo-model.md) saw both.
 
 :data:`HELDOUT` holds the photos with a subject a person names at a glance, labelled by hand from the file name
 and a look at the picture (``LadyBird.jpg``: a ladybug; ``trees_at_dusk.jpg``: a tree). They are never trained
