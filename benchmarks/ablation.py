@@ -5,7 +5,7 @@
 
 Same data (the demo's Tux Paint + emoji training split), same model (frozen EfficientNet-Lite0 and MiniLM
 towers, trained projections; training/demo/cached.py), same steps and settings (training/demo/build.py's
-DEMO_OVERRIDES plus any overrides given here, e.g. distill.weight=1 for the ImageNet-head distillation)
+DEMO_OVERRIDES and the distillation defaults, plus any overrides given here, e.g. distill.weight=0 without it)
 and the same seeds for every variant; only lambda_hni and lambda_stc change. Metrics on the held-out split and the
 held-out photos (training/demo/build.py: train_demo_heads), mean +- sample std over seeds, printed as a markdown
 table. Builds the data and tower features first if they are missing (the slow part, shared with
