@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 APT_PACKAGES := tuxpaint-stamps-default tuxpaint-data mate-backgrounds lomiri-wallpapers-16.04 lomiri-wallpapers-20.04 \
-	plasma-workspace-wallpapers opencv-doc wordnet-base fonts-noto-color-emoji chromium
+	plasma-workspace-wallpapers opencv-doc gcompris-qt-data wordnet-base fonts-noto-color-emoji chromium
 
 .PHONY: serve test test-fast lint serve-only venv demo-model apt test-servers check-gpu-extra clean
 

@@ -407,6 +407,36 @@ def test_photo_sets_load_and_stay_apart():
                * image.height for c in first)
 
 
+def test_gcompris_photos_come_out_of_its_resource_files_with_captions():
+    """The Qt resource reader finds GCompris's photographs (Debian gcompris-qt-data); each decodes, none is held
+    out, each picture is there once, and captions come from the file names."""
+    from training.demo.gcompris import BY_HAND, RCC_DIR, caption_from_name, captioned_photos
+    from training.demo.photos import HELDOUT, load
+    from training.demo.qt_resources import read_rcc
+
+    files = read_rcc(RCC_DIR / "categorization.rcc")
+    hammer = files["gcompris/src/activities/categorization/resource/images/tools/hammer1.webp"]
+    assert hammer[:4] == b"RIFF" and hammer[8:12] == b"WEBP"
+    captioned = captioned_photos()
+    assert len(captioned) > 250 and not set(captioned) & set(HELDOUT)
+    assert captioned["gcompris:categorization/resource/images/tools/hammer1.webp"] == "a photo of a hammer."
+    assert set(BY_HAND.values()) <= set(captioned.values())
+    assert caption_from_name("explore_monuments/resource/india/goldenTemple.webp") == "a photo of a golden temple."
+    assert caption_from_name("categorization/resource/images/tools/measuringTape3.webp") == \
+        "a photo of a measuring tape."
+    images = [load(name) for name in list(captioned)[::25]]
+    assert all(image.mode == "RGB" and min(image.size) >= 100 for image in images)
+    assert len({image.tobytes() for image in images}) == len(images)
+
+
+def test_qt_resource_reader_refuses_other_files(tmp_path):
+    from training.demo.qt_resources import read_rcc
+
+    (tmp_path / "x.rcc").write_bytes(b"RIFF" + bytes(40))
+    with pytest.raises(ValueError, match="not a Qt resource file"):
+        read_rcc(tmp_path / "x.rcc")
+
+
 def test_teacher_is_the_imagenet_head_on_trunk_features(demo_model, classifier):
     """The distillation teacher, applied to the cached trunk features, is the ImageNet classifier itself."""
     from training.demo.distill import teacher_head
@@ -487,6 +517,33 @@ def test_distilled_class_texts_mix_in_their_hypernyms():
         torch.testing.assert_close(got[row], 0.75 * own[row] + 0.25 * means.mean(0))
 
 
+def test_captions_term_rewards_photos_near_their_own_caption():
+    """The captioned-photo term: cross-entropy of each photo among the distinct captions; low when a photo's
+    embedding sits on its own caption's, high when on another's; left out at weight 0."""
+    from training.demo.build import demo_sections
+    from training.demo.cached import Heads
+    from training.demo.distill import Distillation, PhotoFeatures, photo_prompts
+
+    captions = ["a photo of a hammer.", "a photo of a fish.", "a photo of the moon."]
+    eye, prompts = torch.eye(3), photo_prompts([0])  # one ImageNet class (tench) for the teacher's side
+    trunk = torch.eye(3, 1280)  # photo i: trunk features that the image projection below maps onto caption i
+    right = PhotoFeatures(crops=torch.zeros(0, 1280), crop_sources=[], heldout=torch.zeros(0, 1280),
+                          heldout_names=[], heldout_labels=[], classes=[0], texts=prompts + captions,
+                          text=torch.cat([torch.randn(len(prompts), 3), eye]), captioned=trunk.repeat(2, 1),
+                          captioned_sources=["a", "b", "c"] * 2, captions=captions * 2)
+    wrong = PhotoFeatures(**{**right.__dict__, "captioned": trunk[[1, 2, 0]].repeat(2, 1)})
+    heads = Heads(1280, 3, 3, text_projection="identity")
+    with torch.no_grad():
+        heads.image_proj.weight.copy_(torch.eye(3, 1280))
+    config, _ = demo_sections(["distill.weight=0", "distill.captions=1", "distill.batch_size=64"])
+    low = Distillation(config, right, None, 0).terms(heads)
+    high = Distillation(config, wrong, None, 0).terms(heads)
+    assert set(low) == {"captions"} and low["captions"][0] == 1
+    assert low["captions"][1] < 0.01 and high["captions"][1] > 10
+    off, _ = demo_sections(["distill.weight=0", "distill.captions=0"])
+    assert Distillation(off, right, None, 0).terms(heads) == {}
+
+
 @pytest.mark.parametrize("start", ["identity", "frozen_identity"])
 def test_text_projection_can_start_at_the_identity(start):
     from training.demo.build import demo_sections
@@ -509,7 +566,7 @@ def small_demo(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("demo-work")
     counts = write_shards(work / "data", progress=False, sources=stamp_sources()[::25] + emoji_sources()[::25])
     assert counts["train"] and counts["heldout"]
-    build_photo_features(work, crops_per_photo=1, classes=list(range(0, 1000, 50)))
+    build_photo_features(work, crops_per_photo=1, classes=list(range(0, 1000, 50)), captioned_crops=0)
     return work
 
 
@@ -525,13 +582,13 @@ def test_photo_features_rebuilt_when_the_photo_set_changes(small_demo, tmp_path)
     classes = list(range(0, 1000, 50))
     shutil.copy(small_demo / "features-photos.pt", tmp_path / "features-photos.pt")
     before = PhotoFeatures.load(tmp_path / "features-photos.pt")
-    path = build_photo_features(tmp_path, crops_per_photo=2, classes=classes)
+    path = build_photo_features(tmp_path, crops_per_photo=2, classes=classes, captioned_crops=0)
     after = PhotoFeatures.load(path)
-    assert after.fits(2, classes) and not before.fits(2, classes) and len(after.crops) == 2 * len(TRAINING)
+    assert after.fits(2, classes, 0) and not before.fits(2, classes, 0) and len(after.crops) == 2 * len(TRAINING)
     assert after.texts == before.texts and torch.equal(after.text, before.text)
-    torch.testing.assert_close(after.heldout, before.heldout)
+    assert torch.equal(after.heldout, before.heldout) and torch.equal(after.captioned, before.captioned)
     stamp = path.stat().st_mtime_ns
-    assert build_photo_features(tmp_path, crops_per_photo=2, classes=classes) == path
+    assert build_photo_features(tmp_path, crops_per_photo=2, classes=classes, captioned_crops=0) == path
     assert path.stat().st_mtime_ns == stamp
 
 
@@ -550,6 +607,7 @@ def test_demo_build_retrain_end_to_end(small_demo, tmp_path):
     assert {p.name for p in weights.iterdir()} == {HEADS_FILE, "vocab.json", "metrics.json"}
     report = json.loads((weights / "metrics.json").read_text())
     assert report["final_loss"]["step"] == 5 and report["final_loss"]["distill"] > 0
+    assert report["final_loss"]["captions"] > 0
     assert report["config"]["distill"]["batch_size"] == 32
     metrics = report["heldout"]
     assert metrics["samples"] > 0 and 0 <= metrics["photo_top1_10way"] <= 1 and metrics["photos"] >= 25

@@ -106,30 +106,33 @@ def build_features(work: Path, data: Path) -> dict[str, Path]:
     return paths
 
 
-def build_photo_features(work: Path, crops_per_photo: int | None = None, classes: list[int] | None = None) -> Path:
-    """Tower outputs for the real photos and the ImageNet class prompts (training/demo/distill.py); rebuilt when
-    the photo sets (training/demo/photos.py), the crop count or the classes changed, reusing the prompts' features."""
+def build_photo_features(work: Path, crops_per_photo: int | None = None, classes: list[int] | None = None,
+                         captioned_crops: int | None = None) -> Path:
+    """Tower outputs for the real photos, the ImageNet class prompts and the captions (training/demo/distill.py);
+    rebuilt when the photo sets (training/demo/photos.py, gcompris.py), a crop count or the classes changed,
+    reusing what is unchanged."""
     from open_clip.transform import image_transform
 
     from training.demo.distill import PhotoFeatures, encode_photo_features
     from training.demo.model import build_demo_model, tokenizer
-    from training.demo.photos import CROPS_PER_PHOTO
+    from training.demo.photos import CAPTIONED_CROPS, CROPS_PER_PHOTO
 
     crops_per_photo = crops_per_photo or CROPS_PER_PHOTO
+    captioned_crops = CAPTIONED_CROPS if captioned_crops is None else captioned_crops
     classes = list(range(1000)) if classes is None else list(classes)
     path = work / "features-photos.pt"
     known = PhotoFeatures.load(path) if path.is_file() else None
-    if known is not None and known.fits(crops_per_photo, classes):
+    if known is not None and known.fits(crops_per_photo, classes, captioned_crops):
         _say(f"features: {path} exists, kept")
         return path
     if known is not None:
         _say(f"features: {path} is of other photos, crops or classes: encoding the photos again")
     transform = image_transform(IMAGE_SIZE, is_train=False, mean=IMAGE_MEAN, std=IMAGE_STD)
     features = encode_photo_features(build_demo_model(), transform, tokenizer(), crops_per_photo, classes,
-                                     known=known)
+                                     known=known, captioned_crops=captioned_crops)
     features.save(path)
-    _say(f"features: {len(features.crops)} photo crops, {len(features.heldout)} held-out photos, "
-         f"{len(features.texts)} prompts -> {path}")
+    _say(f"features: {len(features.crops)} photo crops, {len(features.captioned)} captioned photos and crops, "
+         f"{len(features.heldout)} held-out photos, {len(features.texts)} prompts -> {path}")
     return path
 
 
@@ -146,7 +149,7 @@ def train_demo_heads(features: dict[str, Path], templates: list[str], overrides:
     cfg, (dcfg, hcfg) = demo_config(overrides), demo_sections(overrides)
     train, photos = Features.load(features["train"]), PhotoFeatures.load(features["photos"])
     torch.set_num_threads(1)  # small matmuls: a second thread waits more than it helps on busy cores
-    distill = Distillation(dcfg, photos, train.image, cfg.run.seed) if dcfg.weight > 0 else None
+    distill = Distillation(dcfg, photos, train.image, cfg.run.seed) if dcfg.weight or dcfg.captions else None
     heads, vocab, log = train_heads(train, cfg, EMBED_DIM, progress, distill=distill, heads_cfg=hcfg)
     metrics = evaluate_heads(heads, Features.load(features["heldout"]), templates, vocab)
     return heads, vocab, log, metrics | evaluate_photos(heads, photos), train

@@ -145,8 +145,9 @@ def train_heads(features: Features, cfg: TrainConfig, embed_dim: int, progress: 
 
     Uses ``cfg.loss``, ``cfg.optim``, ``cfg.data.batch_size/p_desc/p_neg_desc/vocab_*`` and ``cfg.run.seed``;
     batches are drawn without replacement, epoch after epoch, from a generator seeded by ``cfg.run.seed``.
-    With ``distill`` (training/demo/distill.py), its weighted loss is added at every step (log key ``distill``);
-    it draws its images from its own generator, so the HQ-CLIP batches are the same with or without it.
+    With ``distill`` (training/demo/distill.py), its weighted terms are added at every step (log keys
+    ``distill``, ``captions``); it draws its images from its own generator, so the HQ-CLIP batches are the same
+    with or without it.
     """
     from tqdm import tqdm
 
@@ -179,9 +180,9 @@ def train_heads(features: Features, cfg: TrainConfig, embed_dim: int, progress: 
         terms = loss_fn(image, heads.embed_texts(features.text[positive]), heads.logit_scale.exp(),
                         heads.embed_texts(features.text[negative]) if use_hni else None,
                         heads.tag_head(image) if use_stc else None, targets[rows] if use_stc else None)
-        if distill is not None and distill.cfg.weight > 0:
-            terms["distill"] = distill.loss(heads)
-            terms["loss"] = terms["loss"] + distill.cfg.weight * terms["distill"]
+        for name, (weight, value) in (distill.terms(heads) if distill is not None else {}).items():
+            terms[name] = value
+            terms["loss"] = terms["loss"] + weight * value
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         if cfg.optim.grad_clip:

@@ -12,13 +12,18 @@ per step.
 
 Each class's text is mixed with its WordNet ancestors' names (training/demo/hypernyms.py: ``hypernyms``), so the
 student also learns where "cat" lies, not only "Egyptian Mau". Distillation images: the demo's training images and
-random crops of the unlabelled real photos (training/demo/photos.py: TRAINING). The held-out photos (photos.py:
-HELDOUT) are only ever evaluated: :func:`evaluate_photos`. Settings and results: docs/demo-model.md.
+random crops of the real photos (training/demo/photos.py: TRAINING, and the captioned GCompris photos). The
+held-out photos (photos.py: HELDOUT) are only ever evaluated: :func:`evaluate_photos`.
+
+Beside it, the captioned photos (training/demo/gcompris.py) teach with their captions: each photo (whole or a crop)
+is classified among the distinct captions by the same zero-shot rule, cross-entropy against its own (weight
+``captions``): the teacher's blind spots (no ImageNet class is a person, a monument or a planet) get real labels.
+Settings and results: docs/demo-model.md.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +31,19 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from hqclip.repo.prompts import DEFAULT_TEMPLATES
 from training.demo.feature_file import CachedTensors, pooled_texts
+from training.demo.gcompris import captioned_photos
 from training.demo.hypernyms import Hypernym, imagenet_hypernyms
-from training.demo.photos import CROPS_PER_PHOTO, HELDOUT, HELDOUT_SETS, PROBLEM_SIZE, TRAINING, crops, load
+from training.demo.photos import (
+    CAPTIONED_CROPS,
+    CROPS_PER_PHOTO,
+    HELDOUT,
+    HELDOUT_SETS,
+    PROBLEM_SIZE,
+    TRAINING,
+    captioned_views,
+    crops,
+    load,
+)
 
 
 class DistillConfig(BaseModel):
@@ -46,6 +62,9 @@ class DistillConfig(BaseModel):
     hypernyms: float = Field(0.5, ge=0, le=1, description=(
         "Share of an ImageNet class's text taken from the names of its WordNet ancestors (training/demo/"
         "hypernyms.py: 'cat' for 'tabby'); 0 = its own name alone."))
+    captions: float = Field(1.0, ge=0, description=(
+        "Weight of the captioned-photo term (training/demo/gcompris.py): each captioned photo classified among "
+        "the distinct captions, cross-entropy; 0 = off."))
 
 
 @dataclass
@@ -60,15 +79,27 @@ class PhotoFeatures(CachedTensors):
     classes: list[int]  # the ImageNet classes distilled (indices; all 1000 in the demo build)
     texts: list[str]  # their prompts (class-major) then the held-out classes' prompts
     text: torch.Tensor  # [T, 384] pooled text features
+    # the captioned photos, whole and cropped (photos.py: captioned_views); None in a file written before them
+    captioned: torch.Tensor | None = None  # [V, 1280]
+    captioned_sources: list[str] = field(default_factory=list)
+    captions: list[str] = field(default_factory=list)  # per row of `captioned`
 
-    def fits(self, crops_per_photo: int, classes: list[int]) -> bool:
-        """Whether these are the features of today's photo sets (photos.py), crop count and ImageNet classes."""
+    def fits(self, crops_per_photo: int, classes: list[int], captioned_crops: int = CAPTIONED_CROPS) -> bool:
+        """Whether these are the features of today's photo sets (photos.py, gcompris.py: captions included), crop
+        counts and ImageNet classes."""
+        captions = captioned_photos()
         return (self.crop_sources == crop_sources(crops_per_photo) and self.heldout_names == list(HELDOUT)
-                and self.classes == classes and set(photo_prompts(classes)) <= set(self.texts))
+                and self.captioned_sources == captioned_sources(captioned_crops)
+                and self.captions == [captions[name] for name in self.captioned_sources]
+                and self.classes == classes and set(photo_prompts(classes)) | set(self.captions) <= set(self.texts))
 
 
 def crop_sources(crops_per_photo: int) -> list[str]:
     return [name for name in TRAINING for _ in range(crops_per_photo)]
+
+
+def captioned_sources(captioned_crops: int) -> list[str]:
+    return [name for name in captioned_photos() for _ in range(1 + captioned_crops)]
 
 
 def imagenet_prompts(classes: list[int]) -> list[str]:
@@ -102,19 +133,26 @@ def heldout_prompts(classes: list[str] | None = None) -> list[str]:
 @torch.no_grad()
 def encode_photo_features(model, transform, tokenizer, crops_per_photo: int = CROPS_PER_PHOTO,
                           classes: list[int] | None = None, batch_size: int = 32, progress: bool = True,
-                          known: PhotoFeatures | None = None) -> PhotoFeatures:
-    """Run the frozen towers of the demo model over the photos' crops, the held-out photos and the prompts of
-    ``classes`` (ImageNet indices; default all 1000), of their WordNet ancestors and of the held-out classes.
-    Prompts whose features ``known`` (an earlier photo feature file) holds are taken from it, not encoded again."""
+                          known: PhotoFeatures | None = None, captioned_crops: int = CAPTIONED_CROPS
+                          ) -> PhotoFeatures:
+    """Run the frozen towers of the demo model over the photos' crops, the held-out photos, the captioned photos
+    and the prompts of ``classes`` (ImageNet indices; default all 1000), of their WordNet ancestors, of the
+    held-out classes, and the captions. What ``known`` (an earlier photo feature file) holds of the same photos and
+    prompts is taken from it, not encoded again."""
     from tqdm import tqdm
 
     model.eval()
     classes = list(range(1000)) if classes is None else list(classes)
-    texts = photo_prompts(classes)
+    captions = captioned_photos()
+    sources, captioned = crop_sources(crops_per_photo), captioned_sources(captioned_crops)
+    texts = list(dict.fromkeys(photo_prompts(classes) + [captions[name] for name in captions]))
     reused = dict(zip(known.texts, known.text)) if known is not None else {}
     missing = [t for t in texts if t not in reused]
-    sources = crop_sources(crops_per_photo)
-    bar = tqdm(total=len(sources) + len(HELDOUT) + len(missing), desc="photo features", unit="item",
+    keep_crops = known is not None and known.crop_sources == sources
+    keep_heldout = known is not None and known.heldout_names == list(HELDOUT)
+    keep_captioned = known is not None and known.captioned_sources == captioned
+    bar = tqdm(total=(0 if keep_crops else len(sources)) + (0 if keep_heldout else len(HELDOUT))
+               + (0 if keep_captioned else len(captioned)) + len(missing), desc="photo features", unit="item",
                disable=not progress)
 
     def trunk(images: list) -> torch.Tensor:  # a batch at a time: a photo's crops as pixels take ~0.6 MB each
@@ -123,13 +161,18 @@ def encode_photo_features(model, transform, tokenizer, crops_per_photo: int = CR
         bar.update(len(images))
         return torch.cat(rows)
 
-    crop_rows = torch.cat([trunk(crops(load(name), crops_per_photo, name)) for name in TRAINING])
-    heldout = trunk([load(name) for name in HELDOUT])
+    crop_rows = known.crops if keep_crops else \
+        torch.cat([trunk(crops(load(name), crops_per_photo, name)) for name in TRAINING])
+    heldout = known.heldout if keep_heldout else trunk([load(name) for name in HELDOUT])
+    captioned_rows = known.captioned if keep_captioned else \
+        torch.cat([trunk(captioned_views(load(name), name, captioned_crops)) for name in captions])
     encoded = dict(zip(missing, torch.cat(pooled_texts(model, tokenizer, missing, batch_size * 4, bar)))) \
         if missing else {}
     bar.close()
-    return PhotoFeatures(crops=crop_rows, crop_sources=sources, heldout=heldout, heldout_names=list(HELDOUT),
-                         heldout_labels=list(HELDOUT.values()), classes=classes, texts=texts,
+    return PhotoFeatures(crops=crop_rows, crop_sources=sources, captioned=captioned_rows,
+                         captioned_sources=captioned, captions=[captions[name] for name in captioned],
+                         heldout=heldout, heldout_names=list(HELDOUT), heldout_labels=list(HELDOUT.values()),
+                         classes=classes, texts=texts,
                          text=torch.stack([encoded[t] if t in encoded else reused[t] for t in texts]))
 
 
@@ -148,7 +191,8 @@ def class_embeddings(heads, text: torch.Tensor, templates: int) -> torch.Tensor:
 
 
 class Distillation:
-    """The teacher, the distillation images and prompts: :meth:`loss` is the term ``train_heads`` adds.
+    """The teacher, the distillation images and prompts, the captioned photos: :meth:`terms` are what
+    ``train_heads`` adds to the HQ-CLIP loss.
 
     Each class's text side is the mean of its prompts' pooled features, projected and normalised: the projection
     is linear, so this is the served prompt ensemble up to the per-prompt normalisation, at 1/7 of the cost of
@@ -157,7 +201,12 @@ class Distillation:
 
     def __init__(self, cfg: DistillConfig, photos: PhotoFeatures, clip_art: torch.Tensor | None, seed: int) -> None:
         self.cfg = cfg
-        self.image = torch.cat([photos.crops, clip_art]) if cfg.clip_art and clip_art is not None else photos.crops
+        self.captioned = photos.captioned if photos.captioned is not None else photos.crops[:0]
+        self.image = torch.cat([photos.crops, self.captioned, *([clip_art] if cfg.clip_art and clip_art is not None
+                                                                 else [])])
+        captions = sorted(set(photos.captions))
+        self.caption_of = torch.tensor([captions.index(c) for c in photos.captions], dtype=torch.long)
+        self.caption_text = photos.text_rows(captions)
         prompts = photos.text_rows(imagenet_prompts(photos.classes))
         self.classes = prompts.view(len(photos.classes), len(DEFAULT_TEMPLATES), -1).mean(1)
         if cfg.hypernyms > 0:
@@ -168,11 +217,23 @@ class Distillation:
             self.target = F.softmax((self.image @ weight.T + bias) / cfg.temperature, dim=-1)
         self.generator = torch.Generator().manual_seed(seed)
 
-    def loss(self, heads) -> torch.Tensor:
-        """KL(teacher || student) on a batch of distillation images drawn with replacement."""
-        rows = torch.randint(len(self.image), (self.cfg.batch_size,), generator=self.generator)
-        student = heads.logit_scale.exp() * heads.embed_images(self.image[rows]) @ heads.embed_texts(self.classes).T
-        return F.kl_div(F.log_softmax(student, dim=-1), self.target[rows], reduction="batchmean")
+    def terms(self, heads) -> dict[str, tuple[float, torch.Tensor]]:
+        """{name: (weight, value)} of the terms with a weight above 0: ``distill``, KL(teacher || student) on a
+        batch of distillation images; ``captions``, the captioned photos' cross-entropy among the captions. Each
+        batch is drawn with replacement."""
+        out = {}
+        if self.cfg.weight > 0:
+            rows = torch.randint(len(self.image), (self.cfg.batch_size,), generator=self.generator)
+            student = heads.logit_scale.exp() * heads.embed_images(self.image[rows]) @ heads.embed_texts(
+                self.classes).T
+            out["distill"] = self.cfg.weight, F.kl_div(F.log_softmax(student, dim=-1), self.target[rows],
+                                                       reduction="batchmean")
+        if self.cfg.captions > 0 and len(self.captioned):
+            rows = torch.randint(len(self.captioned), (self.cfg.batch_size,), generator=self.generator)
+            logits = heads.logit_scale.exp() * heads.embed_images(self.captioned[rows]) @ heads.embed_texts(
+                self.caption_text).T
+            out["captions"] = self.cfg.captions, F.cross_entropy(logits, self.caption_of[rows])
+        return out
 
 
 def with_hypernyms(classes: torch.Tensor, photos: PhotoFeatures, share: float) -> torch.Tensor:

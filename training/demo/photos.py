@@ -9,12 +9,15 @@ Sources (nothing downloaded at run time):
   abstract and rendered wallpapers are left out), training only;
 - Debian ``opencv-doc``: the photographs among OpenCV's sample images (``/usr/share/doc/opencv-doc/examples``),
   held out only: a second held-out set, added after the first round of settings had been chosen on the first
-  (:data:`FIRST_HELDOUT`); the second round (docs/demo-model.md) saw both.
+  (:data:`FIRST_HELDOUT`); the second round (docs/demo-model.md) saw both;
+- Debian ``gcompris-qt-data``: 277 photographs with captions from their file names (training/demo/gcompris.py:
+  ``captioned_photos``), training only.
 
 :data:`HELDOUT` holds the photos with a subject a person names at a glance, labelled by hand from the file name
 and a look at the picture (``LadyBird.jpg``: a ladybug; ``trees_at_dusk.jpg``: a tree). They are never trained
 on, not even as crops. :data:`TRAINING` holds the rest (bark, rock, gravel, machinery, the Hubble deep field...):
 training sees only random crops of those, without labels (the ImageNet head labels them: training/demo/distill.py).
+The captioned GCompris photos are trained on whole and as :data:`CAPTIONED_CROPS` crops each, with their captions.
 """
 
 from __future__ import annotations
@@ -31,10 +34,11 @@ LOMIRI_DIR = Path("/usr/share/backgrounds")
 PLASMA_DIR = Path("/usr/share/wallpapers")
 OPENCV_DIR = Path("/usr/share/doc/opencv-doc/examples")
 APT_PACKAGES = ("mate-backgrounds", "tuxpaint-data", "lomiri-wallpapers-16.04", "lomiri-wallpapers-20.04",
-                "plasma-workspace-wallpapers", "opencv-doc")
+                "plasma-workspace-wallpapers", "opencv-doc", "gcompris-qt-data")
 
 # photo -> class, by hand. Sources: "skimage:<name>", "sklearn:<file>", "matplotlib:<file>", "mate:<file>",
-# "tuxpaint:<file>", "lomiri:<file>", "plasma:<wallpaper>/<file>", "opencv:<path under OPENCV_DIR>".
+# "tuxpaint:<file>", "lomiri:<file>", "plasma:<wallpaper>/<file>", "opencv:<path under OPENCV_DIR>",
+# "gcompris:<path in an activity's resource file>" (training/demo/gcompris.py).
 FIRST_HELDOUT = {
     "skimage:chelsea": "cat",
     "skimage:coffee": "cup of coffee",
@@ -109,6 +113,7 @@ TRAINING = (
     "plasma:Path/2560x1600.jpg", "plasma:summer_1am/2560x1600.jpg", "plasma:Volna/5120x2880.jpg",
 )
 CROPS_PER_PHOTO = 64  # random crops of each training photo (docs/demo-model.md)
+CAPTIONED_CROPS = 8  # random crops (30-100 % of the area: the subject stays in view) of each captioned photo
 PROBLEM_SIZE = 10  # the headline metric: top-1 in problems of this many classes (docs/demo-model.md)
 
 
@@ -128,6 +133,10 @@ def load(name: str) -> Image.Image:
         import matplotlib
 
         return Image.open(Path(matplotlib.get_data_path()) / "sample_data" / item).convert("RGB")
+    if source == "gcompris":
+        from training.demo.gcompris import load as load_gcompris
+
+        return load_gcompris(item)
     if source == "plasma":
         wallpaper, _, file = item.partition("/")
         item = f"{wallpaper}/contents/images/{file}"  # the Plasma package layout
@@ -135,7 +144,7 @@ def load(name: str) -> Image.Image:
               "opencv": OPENCV_DIR}.get(source)
     if folder is None:
         raise ValueError(f"unknown photo source in {name!r}: skimage, sklearn, matplotlib, mate, tuxpaint, lomiri, "
-                         "plasma or opencv")
+                         "plasma, opencv or gcompris")
     if not (folder / item).is_file():
         raise FileNotFoundError(f"{folder / item} is missing: apt-get install {' '.join(APT_PACKAGES)}")
     return Image.open(folder / item).convert("RGB")
@@ -155,3 +164,8 @@ def crops(image: Image.Image, count: int, seed: str, min_area: float = 0.1) -> l
         crop = image.crop((left, top, left + width, top + height))
         out.append(crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else crop)
     return out
+
+
+def captioned_views(image: Image.Image, name: str, count: int = CAPTIONED_CROPS) -> list[Image.Image]:
+    """A captioned photo whole, then ``count`` seeded crops of 30-100 % of its area."""
+    return [image, *crops(image, count, name, min_area=0.3)]
