@@ -409,24 +409,28 @@ def test_photo_sets_load_and_stay_apart():
 
 def test_gcompris_photos_come_out_of_its_resource_files_with_captions():
     """The Qt resource reader finds GCompris's photographs (Debian gcompris-qt-data); each decodes, none is held
-    out, each picture is there once, and captions come from the file names."""
+    out, each picture is there once, and captions come from the file names; the LFW faces join them."""
     from training.demo.gcompris import BY_HAND, RCC_DIR, caption_from_name, captioned_photos
-    from training.demo.photos import HELDOUT, load
+    from training.demo.photos import HELDOUT, LFW_FACES, captioned, load
     from training.demo.qt_resources import read_rcc
 
     files = read_rcc(RCC_DIR / "categorization.rcc")
     hammer = files["gcompris/src/activities/categorization/resource/images/tools/hammer1.webp"]
     assert hammer[:4] == b"RIFF" and hammer[8:12] == b"WEBP"
-    captioned = captioned_photos()
-    assert len(captioned) > 250 and not set(captioned) & set(HELDOUT)
-    assert captioned["gcompris:categorization/resource/images/tools/hammer1.webp"] == "a photo of a hammer."
-    assert set(BY_HAND.values()) <= set(captioned.values())
+    gcompris = captioned_photos()
+    assert len(gcompris) > 250 and not set(captioned()) & set(HELDOUT)
+    assert gcompris["gcompris:categorization/resource/images/tools/hammer1.webp"] == "a photo of a hammer."
+    assert set(BY_HAND.values()) <= set(gcompris.values())
     assert caption_from_name("explore_monuments/resource/india/goldenTemple.webp") == "a photo of a golden temple."
     assert caption_from_name("categorization/resource/images/tools/measuringTape3.webp") == \
         "a photo of a measuring tape."
-    images = [load(name) for name in list(captioned)[::25]]
+    images = [load(name) for name in list(gcompris)[::25]]
     assert all(image.mode == "RGB" and min(image.size) >= 100 for image in images)
     assert len({image.tobytes() for image in images}) == len(images)
+    faces = {name: caption for name, caption in captioned().items() if name not in gcompris}
+    assert len(faces) == LFW_FACES and set(faces.values()) == {"a photo of a person."}
+    face = load(next(iter(faces)))
+    assert face.mode == "RGB" and face.size == (25, 25)
 
 
 def test_qt_resource_reader_refuses_other_files(tmp_path):

@@ -93,7 +93,7 @@ class HeadsConfig(BaseModel):
     """``heads.*`` overrides of ``hqclip demo build --retrain``."""
 
     model_config = ConfigDict(extra="forbid")
-    text_projection: Literal["random", "identity", "frozen_identity"] = Field("identity", description=(
+    text_projection: Literal["random", "identity", "frozen_identity"] = Field("frozen_identity", description=(
         "How the text projection starts: open_clip's random init, or the identity (the text tower's own space, "
         "when its width is the embedding's), trained or kept (docs/demo-model.md)."))
 

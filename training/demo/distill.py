@@ -24,6 +24,7 @@ Settings and results: docs/demo-model.md.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import groupby
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from hqclip.repo.prompts import DEFAULT_TEMPLATES
 from training.demo.feature_file import CachedTensors, pooled_texts
-from training.demo.gcompris import captioned_photos
 from training.demo.hypernyms import Hypernym, imagenet_hypernyms
 from training.demo.photos import (
     CAPTIONED_CROPS,
@@ -40,6 +40,7 @@ from training.demo.photos import (
     HELDOUT_SETS,
     PROBLEM_SIZE,
     TRAINING,
+    captioned,
     captioned_views,
     crops,
     load,
@@ -87,7 +88,7 @@ class PhotoFeatures(CachedTensors):
     def fits(self, crops_per_photo: int, classes: list[int], captioned_crops: int = CAPTIONED_CROPS) -> bool:
         """Whether these are the features of today's photo sets (photos.py, gcompris.py: captions included), crop
         counts and ImageNet classes."""
-        captions = captioned_photos()
+        captions = captioned()
         return (self.crop_sources == crop_sources(crops_per_photo) and self.heldout_names == list(HELDOUT)
                 and self.captioned_sources == captioned_sources(captioned_crops)
                 and self.captions == [captions[name] for name in self.captioned_sources]
@@ -99,7 +100,7 @@ def crop_sources(crops_per_photo: int) -> list[str]:
 
 
 def captioned_sources(captioned_crops: int) -> list[str]:
-    return [name for name in captioned_photos() for _ in range(1 + captioned_crops)]
+    return [name for name in captioned() for _ in range(1 + captioned_crops)]
 
 
 def imagenet_prompts(classes: list[int]) -> list[str]:
@@ -143,16 +144,16 @@ def encode_photo_features(model, transform, tokenizer, crops_per_photo: int = CR
 
     model.eval()
     classes = list(range(1000)) if classes is None else list(classes)
-    captions = captioned_photos()
-    sources, captioned = crop_sources(crops_per_photo), captioned_sources(captioned_crops)
+    captions = captioned()
+    sources, views = crop_sources(crops_per_photo), 1 + captioned_crops
     texts = list(dict.fromkeys(photo_prompts(classes) + [captions[name] for name in captions]))
     reused = dict(zip(known.texts, known.text)) if known is not None else {}
     missing = [t for t in texts if t not in reused]
     keep_crops = known is not None and known.crop_sources == sources
     keep_heldout = known is not None and known.heldout_names == list(HELDOUT)
-    keep_captioned = known is not None and known.captioned_sources == captioned
+    known_views = _rows_by_source(known, views)
     bar = tqdm(total=(0 if keep_crops else len(sources)) + (0 if keep_heldout else len(HELDOUT))
-               + (0 if keep_captioned else len(captioned)) + len(missing), desc="photo features", unit="item",
+               + views * len(set(captions) - set(known_views)) + len(missing), desc="photo features", unit="item",
                disable=not progress)
 
     def trunk(images: list) -> torch.Tensor:  # a batch at a time: a photo's crops as pixels take ~0.6 MB each
@@ -164,16 +165,30 @@ def encode_photo_features(model, transform, tokenizer, crops_per_photo: int = CR
     crop_rows = known.crops if keep_crops else \
         torch.cat([trunk(crops(load(name), crops_per_photo, name)) for name in TRAINING])
     heldout = known.heldout if keep_heldout else trunk([load(name) for name in HELDOUT])
-    captioned_rows = known.captioned if keep_captioned else \
-        torch.cat([trunk(captioned_views(load(name), name, captioned_crops)) for name in captions])
+    captioned_rows = torch.cat([known_views[name] if name in known_views else
+                                trunk(captioned_views(load(name), name, captioned_crops)) for name in captions])
     encoded = dict(zip(missing, torch.cat(pooled_texts(model, tokenizer, missing, batch_size * 4, bar)))) \
         if missing else {}
     bar.close()
+    names = captioned_sources(captioned_crops)
     return PhotoFeatures(crops=crop_rows, crop_sources=sources, captioned=captioned_rows,
-                         captioned_sources=captioned, captions=[captions[name] for name in captioned],
+                         captioned_sources=names, captions=[captions[name] for name in names],
                          heldout=heldout, heldout_names=list(HELDOUT), heldout_labels=list(HELDOUT.values()),
                          classes=classes, texts=texts,
                          text=torch.stack([encoded[t] if t in encoded else reused[t] for t in texts]))
+
+
+def _rows_by_source(known: PhotoFeatures | None, views: int) -> dict[str, torch.Tensor]:
+    """An earlier feature file's rows of each captioned photo that has ``views`` of them (the same crops: seeded)."""
+    if known is None or known.captioned is None:
+        return {}
+    out, start = {}, 0
+    for name, group in groupby(known.captioned_sources):
+        count = len(list(group))
+        if count == views:
+            out[name] = known.captioned[start:start + count]
+        start += count
+    return out
 
 
 def teacher_head() -> tuple[torch.Tensor, torch.Tensor]:

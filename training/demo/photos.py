@@ -11,7 +11,8 @@ Sources (nothing downloaded at run time):
   held out only: a second held-out set, added after the first round of settings had been chosen on the first
   (:data:`FIRST_HELDOUT`); the second round (docs/demo-model.md) saw both;
 - Debian ``gcompris-qt-data``: 277 photographs with captions from their file names (training/demo/gcompris.py:
-  ``captioned_photos``), training only.
+  ``captioned_photos``), and the 100 faces of scikit-image's LFW subset, captioned "a photo of a person.":
+  training only (:func:`captioned`).
 
 :data:`HELDOUT` holds the photos with a subject a person names at a glance, labelled by hand from the file name
 and a look at the picture (``LadyBird.jpg``: a ladybug; ``trees_at_dusk.jpg``: a tree). They are never trained
@@ -114,6 +115,7 @@ TRAINING = (
 )
 CROPS_PER_PHOTO = 64  # random crops of each training photo (docs/demo-model.md)
 CAPTIONED_CROPS = 8  # random crops (30-100 % of the area: the subject stays in view) of each captioned photo
+LFW_FACES = 100  # scikit-image's lfw_subset(): 100 faces (25 x 25, grey), then 100 patches without one
 PROBLEM_SIZE = 10  # the headline metric: top-1 in problems of this many classes (docs/demo-model.md)
 
 
@@ -123,6 +125,9 @@ def load(name: str) -> Image.Image:
     if source == "skimage":
         from skimage import data
 
+        if item.startswith("lfw_subset/"):
+            array = (data.lfw_subset()[int(item.removeprefix("lfw_subset/"))] * 255).round().astype("uint8")
+            return Image.fromarray(array).convert("RGB")
         array = getattr(data, item)()
         return Image.fromarray(array[..., :3] if array.ndim == 3 else array).convert("RGB")
     if source == "sklearn":
@@ -164,6 +169,13 @@ def crops(image: Image.Image, count: int, seed: str, min_area: float = 0.1) -> l
         crop = image.crop((left, top, left + width, top + height))
         out.append(crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else crop)
     return out
+
+
+def captioned() -> dict[str, str]:
+    """Every captioned training photo -> its caption: GCompris's (training/demo/gcompris.py) and the LFW faces."""
+    from training.demo.gcompris import captioned_photos
+
+    return captioned_photos() | {f"skimage:lfw_subset/{i}": "a photo of a person." for i in range(LFW_FACES)}
 
 
 def captioned_views(image: Image.Image, name: str, count: int = CAPTIONED_CROPS) -> list[Image.Image]:
