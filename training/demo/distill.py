@@ -51,8 +51,8 @@ class DistillConfig(BaseModel):
     """``distill.*`` overrides of ``hqclip demo build --retrain`` (``distill.weight=0`` turns it off).
 
     The defaults are the committed heads' recipe (docs/demo-model.md): weight 2 on photo crops only (distilling on
-    the clip art too costs clip-art top-5 and tag mAP), T = 2, hypernyms 0.5, with the text projection starting at
-    the identity (``heads.text_projection``).
+    the clip art too costs clip-art top-5 and tag mAP), T = 2, hypernyms 0.5, the captioned photos' term at weight
+    1, with the text projection kept at the identity (``heads.text_projection``).
     """
 
     model_config = ConfigDict(extra="forbid")
