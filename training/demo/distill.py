@@ -220,7 +220,8 @@ class Distillation:
         self.image = torch.cat([photos.crops, self.captioned, *([clip_art] if cfg.clip_art and clip_art is not None
                                                                  else [])])
         captions = sorted(set(photos.captions))
-        self.caption_of = torch.tensor([captions.index(c) for c in photos.captions], dtype=torch.long)
+        index = {caption: i for i, caption in enumerate(captions)}
+        self.caption_of = torch.tensor([index[c] for c in photos.captions], dtype=torch.long)
         self.caption_text = photos.text_rows(captions)
         prompts = photos.text_rows(imagenet_prompts(photos.classes))
         self.classes = prompts.view(len(photos.classes), len(DEFAULT_TEMPLATES), -1).mean(1)
@@ -236,18 +237,18 @@ class Distillation:
         """{name: (weight, value)} of the terms with a weight above 0: ``distill``, KL(teacher || student) on a
         batch of distillation images; ``captions``, the captioned photos' cross-entropy among the captions. Each
         batch is drawn with replacement."""
+        def logits(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:  # the served zero-shot rule
+            return heads.logit_scale.exp() * heads.embed_images(image) @ heads.embed_texts(text).T
+
         out = {}
         if self.cfg.weight > 0:
             rows = torch.randint(len(self.image), (self.cfg.batch_size,), generator=self.generator)
-            student = heads.logit_scale.exp() * heads.embed_images(self.image[rows]) @ heads.embed_texts(
-                self.classes).T
-            out["distill"] = self.cfg.weight, F.kl_div(F.log_softmax(student, dim=-1), self.target[rows],
-                                                       reduction="batchmean")
+            student = F.log_softmax(logits(self.image[rows], self.classes), dim=-1)
+            out["distill"] = self.cfg.weight, F.kl_div(student, self.target[rows], reduction="batchmean")
         if self.cfg.captions > 0 and len(self.captioned):
             rows = torch.randint(len(self.captioned), (self.cfg.batch_size,), generator=self.generator)
-            logits = heads.logit_scale.exp() * heads.embed_images(self.captioned[rows]) @ heads.embed_texts(
-                self.caption_text).T
-            out["captions"] = self.cfg.captions, F.cross_entropy(logits, self.caption_of[rows])
+            out["captions"] = self.cfg.captions, F.cross_entropy(logits(self.captioned[rows], self.caption_text),
+                                                                 self.caption_of[rows])
         return out
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 from PIL import Image
@@ -58,7 +58,7 @@ BY_HAND = {
 }
 
 
-@lru_cache(maxsize=4)
+@cache  # 8 activities, ~18 MB: each read once, not again per photo
 def resource_files(activity: str) -> dict[str, bytes]:
     """The files of one activity's resource file, by their path under :data:`ROOT`."""
     from training.demo.qt_resources import read_rcc

@@ -18,13 +18,15 @@ Sources (nothing downloaded at run time):
 and a look at the picture (``LadyBird.jpg``: a ladybug; ``trees_at_dusk.jpg``: a tree). They are never trained
 on, not even as crops. :data:`TRAINING` holds the rest (bark, rock, gravel, machinery, the Hubble deep field...):
 training sees only random crops of those, without labels (the ImageNet head labels them: training/demo/distill.py).
-The captioned GCompris photos are trained on whole and as :data:`CAPTIONED_CROPS` crops each, with their captions.
+The captioned photos (:func:`captioned`) are trained on whole and as :data:`CAPTIONED_CROPS` crops each, with their
+captions.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
+from functools import cache
 from pathlib import Path
 
 from PIL import Image
@@ -126,7 +128,7 @@ def load(name: str) -> Image.Image:
         from skimage import data
 
         if item.startswith("lfw_subset/"):
-            array = (data.lfw_subset()[int(item.removeprefix("lfw_subset/"))] * 255).round().astype("uint8")
+            array = (_lfw_subset()[int(item.removeprefix("lfw_subset/"))] * 255).round().astype("uint8")
             return Image.fromarray(array).convert("RGB")
         array = getattr(data, item)()
         return Image.fromarray(array[..., :3] if array.ndim == 3 else array).convert("RGB")
@@ -153,6 +155,14 @@ def load(name: str) -> Image.Image:
     if not (folder / item).is_file():
         raise FileNotFoundError(f"{folder / item} is missing: apt-get install {' '.join(APT_PACKAGES)}")
     return Image.open(folder / item).convert("RGB")
+
+
+@cache
+def _lfw_subset():
+    """scikit-image's LFW subset, read once (every face is a row of the same file)."""
+    from skimage import data
+
+    return data.lfw_subset()
 
 
 def crops(image: Image.Image, count: int, seed: str, min_area: float = 0.1) -> list[Image.Image]:
